@@ -1,0 +1,281 @@
+"""What a dataset loader returns, and how images reach a method.
+
+A loader (see :class:`harness.specs.DatasetSpec`) indexes a dataset into :class:`Sample` objects
+without decoding anything. The core decodes and resizes lazily, at the size the method asks for,
+and keeps decoded images in a :class:`ImageCache` so that epochs and repeated jobs do not decode
+the same file twice.
+
+Conventions
+-----------
+- Images are RGB ``uint8`` arrays of shape (H, W, 3) after reading; greyscale files are
+  converted to RGB.
+- Masks are boolean arrays of shape (H, W): a pixel is defective when its stored value is > 0
+  (any channel, for colour masks). Loaders whose masks use another encoding pass a callable.
+- Tensors given to methods are ``float32`` in [0, 1], shape (N, 3, H, W), not normalised: each
+  method applies its own normalisation, as its paper does.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from harness.errors import DatasetError
+
+#: Either a file on disk or a callable producing the decoded array (generated data).
+ImageSource = Union[Path, Callable[[], np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a dataset, indexed but not decoded.
+
+    Attributes
+    ----------
+    key : str
+        Identifier unique within the dataset, shaped like the relative path
+        ``<category>/<split>/<defect>/<stem>``; used to pair maps with masks and to seed draws.
+    category : str
+        The category (class) the image belongs to.
+    split : str
+        ``"train"`` or ``"test"``.
+    label : int
+        0 for normal, 1 for anomalous.
+    defect : str
+        ``"good"`` for normal images, else the defect type (the test folder's name).
+    image : ImageSource
+        Where the pixels come from.
+    mask : ImageSource or None
+        Ground-truth mask, ``None`` for normal images (an all-zero mask is implied) and for
+        datasets without masks.
+    """
+
+    key: str
+    category: str
+    split: str
+    label: int
+    defect: str
+    image: ImageSource = field(repr=False, compare=False)
+    mask: ImageSource | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass
+class CategoryData:
+    """Train and test samples of one category."""
+
+    name: str
+    train: list[Sample]
+    test: list[Sample]
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether every anomalous test image has a ground-truth mask."""
+        return all(s.mask is not None for s in self.test if s.label == 1)
+
+
+@dataclass
+class DatasetIndex:
+    """Everything a loader found: categories with their samples, and problems it noticed.
+
+    Attributes
+    ----------
+    name : str
+        The dataset's name.
+    categories : dict of str to CategoryData
+        In the dataset's canonical order.
+    root : Path or None
+        Where it was read from.
+    problems : list of str
+        Non-fatal findings, each naming the file it concerns (shown by ``harness data summary``).
+    """
+
+    name: str
+    categories: dict[str, CategoryData]
+    root: Path | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+def read_image(source: ImageSource) -> np.ndarray:
+    """Decode an image as an RGB ``uint8`` array of shape (H, W, 3).
+
+    Parameters
+    ----------
+    source : Path or callable
+        A file readable by Pillow, or a callable returning an (H, W, 3) or (H, W) array.
+
+    Returns
+    -------
+    numpy.ndarray
+
+    Raises
+    ------
+    DatasetError
+        When the file is missing, unreadable or truncated; the message names the file.
+    """
+    if callable(source):
+        array = np.asarray(source())
+    else:
+        try:
+            with Image.open(source) as img:
+                img.load()
+                array = np.asarray(img.convert("RGB"))
+        except (OSError, ValueError) as exc:
+            raise DatasetError(f"cannot read image {source}: {exc}. Re-extract or remove the file.") from exc
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.dtype != np.uint8:
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    return array
+
+
+def read_mask(source: ImageSource | None, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode a ground-truth mask as a boolean (H, W) array, defect where the value is > 0.
+
+    Parameters
+    ----------
+    source : Path, callable or None
+        The mask; ``None`` gives an all-false mask of ``shape``.
+    shape : tuple of int, optional
+        Needed when ``source`` is None.
+
+    Returns
+    -------
+    numpy.ndarray of bool
+    """
+    if source is None:
+        if shape is None:
+            raise ValueError("read_mask(None) needs a shape")
+        return np.zeros(shape, dtype=bool)
+    if callable(source):
+        array = np.asarray(source())
+    else:
+        try:
+            with Image.open(source) as img:
+                img.load()
+                array = np.asarray(img)
+        except (OSError, ValueError) as exc:
+            raise DatasetError(f"cannot read mask {source}: {exc}. Re-extract or remove the file.") from exc
+    if array.ndim == 3:
+        array = array.max(axis=2)
+    return array > 0
+
+
+def resize_image(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an RGB ``uint8`` image to ``size`` = (H, W) with bicubic interpolation."""
+    if array.shape[:2] == tuple(size):
+        return array
+    img = Image.fromarray(array)
+    return np.asarray(img.resize((size[1], size[0]), Image.BICUBIC))
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a boolean mask to ``size`` = (H, W) with nearest-neighbour interpolation.
+
+    Masks are binarised (> 0) before resizing, so nearest-neighbour keeps them binary without a
+    second threshold that would grow or shrink the defects.
+    """
+    if mask.shape == tuple(size):
+        return mask
+    img = Image.fromarray(mask.astype(np.uint8) * 255)
+    return np.asarray(img.resize((size[1], size[0]), Image.NEAREST)) > 0
+
+
+class ImageCache:
+    """Decoded, resized images kept in memory per (sample key, size).
+
+    Decoding a JPEG and resizing it costs more than a forward pass of a small network, and every
+    training epoch and every job on the same dataset asks for the same images again.
+    The cache is thread-safe and bounded by ``max_bytes``; when full it stops adding.
+    """
+
+    def __init__(self, max_bytes: int = 4 << 30) -> None:
+        self._store: dict[tuple[str, str, tuple[int, int]], np.ndarray] = {}
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        self._lock = threading.Lock()
+
+    def image(self, dataset: str, sample: Sample, size: tuple[int, int]) -> np.ndarray:
+        """Return ``sample``'s image as (H, W, 3) ``uint8`` at ``size``."""
+        key = (dataset, sample.key, tuple(size))
+        with self._lock:
+            hit = self._store.get(key)
+        if hit is not None:
+            return hit
+        array = resize_image(read_image(sample.image), size)
+        with self._lock:
+            if self._bytes + array.nbytes <= self._max_bytes:
+                self._store[key] = array
+                self._bytes += array.nbytes
+        return array
+
+
+def to_tensor(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+    """Stack (H, W, 3) ``uint8`` arrays into a float32 (N, 3, H, W) tensor in [0, 1]."""
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return batch.float().div_(255.0)
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """Normal training images of the categories in a job, as a map-style torch dataset.
+
+    Items are ``(image, category)`` with ``image`` a float32 (3, H, W) tensor in [0, 1] at the
+    method's input size. It never holds test images.
+
+    Attributes
+    ----------
+    samples : list of Sample
+        The training samples.
+    categories : list of str
+        Categories present, in dataset order.
+    size : tuple of int
+        (H, W) the images are resized to.
+    """
+
+    def __init__(self, dataset: str, samples: Sequence[Sample], size: tuple[int, int], cache: ImageCache) -> None:
+        bad = [s.key for s in samples if s.split != "train" or s.label != 0]
+        if bad:
+            raise ValueError(f"training set contains non-training or anomalous samples: {bad[:3]}")
+        self.dataset = dataset
+        self.samples = list(samples)
+        self.size = tuple(size)
+        self._cache = cache
+        seen: dict[str, None] = {}
+        for s in self.samples:
+            seen.setdefault(s.category, None)
+        self.categories = list(seen)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        sample = self.samples[index]
+        array = self._cache.image(self.dataset, sample, self.size)
+        return to_tensor([array])[0], sample.category
+
+    def images(self) -> Iterator[tuple[torch.Tensor, str]]:
+        """Iterate over all items in order."""
+        for i in range(len(self)):
+            yield self[i]
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[tuple[torch.Tensor, list[str]]]:
+        """Yield ``(images, categories)`` batches; shuffled reproducibly by ``seed`` if asked."""
+        order = np.arange(len(self))
+        if shuffle:
+            order = np.random.default_rng(seed).permutation(len(self))
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            items = [self[int(i)] for i in idx]
+            yield torch.stack([x for x, _ in items]), [c for _, c in items]
+
+    def by_category(self) -> Mapping[str, list[int]]:
+        """Indices of the samples of each category."""
+        out: dict[str, list[int]] = {c: [] for c in self.categories}
+        for i, s in enumerate(self.samples):
+            out[s.category].append(i)
+        return out

@@ -1,0 +1,178 @@
+"""The method interface, as the runner sees it.
+
+A method plugin's factory returns a :class:`Method`. The runner calls, in order::
+
+    method = spec.factory(settings)          # architecture only, no weights, no data
+    method.to(device)
+    method.fit(train_set, context)           # normal training images only
+    prediction = method.predict(images, categories)   # batches of test images
+
+and stores ``method.state_dict()`` after ``fit`` so that a finished fit is reused.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from harness.data import TrainSet
+    from harness.progress import Progress
+    from harness.pseudo_validation import PseudoValidationSet
+    from harness.weights import WeightsResolver
+
+
+@dataclass
+class Prediction:
+    """What ``predict`` returns for a batch of B images.
+
+    Attributes
+    ----------
+    anomaly_maps : torch.Tensor or numpy.ndarray
+        Shape (B, h, w), float, higher = more anomalous. Any resolution: the runner resizes maps
+        bilinearly to the evaluation size.
+    image_scores : torch.Tensor or numpy.ndarray
+        Shape (B,), by the paper's own rule (not necessarily the map's maximum).
+    """
+
+    anomaly_maps: Any
+    image_scores: Any
+
+
+@dataclass
+class FitContext:
+    """Everything ``fit`` may use besides the training images. It never contains test data.
+
+    Attributes
+    ----------
+    device : torch.device
+        Where to train and infer.
+    seed : int
+        The job's seed; the runner has already seeded Python, NumPy and torch with it.
+    profile : str
+        Name of the profile in use (``paper``, ``tiny``, ...).
+    settings : mapping
+        The resolved settings (profile plus user overrides).
+    cache_dir : Path
+        A directory private to this job for intermediate files.
+    weights : WeightsResolver
+        Finds pretrained weights on disk (never downloads).
+    progress : Progress
+        Progress reporting for epochs and steps.
+    pseudo_validation : callable
+        ``pseudo_validation(n=None, seed=None) -> PseudoValidationSet``: synthetic anomalies made
+        from the training images, for methods that select hyperparameters.
+    info : dict
+        Free-form facts the method wants in the job's record (chosen hyperparameters, whether a
+        backbone was randomly initialised, ...). Values must be JSON-serialisable.
+    """
+
+    device: torch.device
+    seed: int
+    profile: str
+    settings: Mapping[str, Any]
+    cache_dir: Path
+    weights: "WeightsResolver"
+    progress: "Progress"
+    pseudo_validation: Callable[..., "PseudoValidationSet"]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Method(abc.ABC):
+    """Base class of every method plugin.
+
+    Subclasses implement :meth:`fit` and :meth:`predict`, and list their networks in
+    :meth:`networks` so that the core can count parameters and move them to a device.
+
+    Parameters
+    ----------
+    settings : mapping
+        The resolved settings of the job's profile.
+    """
+
+    #: Input size (H, W) the runner resizes images to before ``fit`` and ``predict``.
+    input_size: tuple[int, int] = (256, 256)
+    #: Batch size the runner uses for ``predict`` (the FPS figure states it).
+    eval_batch_size: int = 8
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        self.settings = dict(settings)
+        if "image_size" in self.settings:
+            size = self.settings["image_size"]
+            self.input_size = (int(size), int(size)) if np.isscalar(size) else tuple(int(s) for s in size)
+        if "eval_batch_size" in self.settings:
+            self.eval_batch_size = int(self.settings["eval_batch_size"])
+        self.device = torch.device("cpu")
+
+    @abc.abstractmethod
+    def networks(self) -> Mapping[str, torch.nn.Module]:
+        """Return the method's networks by name (for parameter counts, FLOPs and ``to``)."""
+
+    @abc.abstractmethod
+    def fit(self, train: "TrainSet", context: FitContext) -> None:
+        """Train on normal images of every category of the job.
+
+        Parameters
+        ----------
+        train : TrainSet
+            ``(image, category)`` items; images float32 (3, H, W) in [0, 1] at :attr:`input_size`.
+        context : FitContext
+            Device, seed, weights, progress, pseudo-validation set.
+        """
+
+    @abc.abstractmethod
+    def predict(self, images: torch.Tensor, categories: Sequence[str]) -> Prediction:
+        """Score a batch of test images.
+
+        Parameters
+        ----------
+        images : torch.Tensor
+            Float32 (B, 3, H, W) in [0, 1] at :attr:`input_size`, already on :attr:`device`.
+        categories : sequence of str
+            The category of each image (methods with per-category prompts or banks use it).
+
+        Returns
+        -------
+        Prediction
+        """
+
+    def to(self, device: torch.device | str) -> "Method":
+        """Move every network to ``device`` and remember it."""
+        self.device = torch.device(device)
+        for net in self.networks().values():
+            net.to(self.device)
+        return self
+
+    def eval(self) -> "Method":
+        """Put every network in evaluation mode."""
+        for net in self.networks().values():
+            net.eval()
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to restore a finished fit (networks plus any extra state)."""
+        return {name: net.state_dict() for name, net in self.networks().items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        nets = self.networks()
+        for name, net in nets.items():
+            net.load_state_dict(state[name])
+
+    def parameter_count(self) -> dict[str, int]:
+        """Number of parameters per network (works on the meta device)."""
+        return {name: sum(p.numel() for p in net.parameters()) for name, net in self.networks().items()}
+
+
+
+def as_numpy(value: Any) -> np.ndarray:
+    """Convert a tensor or array-like to a float32 NumPy array on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().cpu().numpy()
+    return np.asarray(value, dtype=np.float32)
+

@@ -1,0 +1,28 @@
+"""Shared fixtures: a registry with the toy plugins, and run options in a temporary folder."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from toy_plugins import ToyPlugin  # noqa: E402
+
+from harness.registry import load_registry  # noqa: E402
+from harness.runner import RunOptions  # noqa: E402
+
+
+@pytest.fixture
+def toy_registry():
+    """The built-in metrics plus the toy dataset and methods, without installed entry points."""
+    return load_registry(entry_points=[], extra_plugins=[("toy", ToyPlugin())])
+
+
+@pytest.fixture
+def run_options(tmp_path):
+    """Run options writing under ``tmp_path``, on the CPU, without progress bars."""
+    return RunOptions(results_dir=tmp_path / "results", cache_dir=tmp_path / "cache", device="cpu", eval_size=32,
+                      progress=False, latency_repeats=1)
