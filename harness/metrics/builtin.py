@@ -1,0 +1,60 @@
+"""The seven standard metrics, provided through the metric hook like any plugin's."""
+
+from __future__ import annotations
+
+from harness.hookspecs import hookimpl
+from harness.metrics.exact import ap_from_curve, aupro_from_curve, auroc_from_curve, f1max_from_curve
+from harness.metrics.scores import CategoryScores
+from harness.specs import MetricSpec
+
+
+def image_auroc(scores: CategoryScores) -> float:
+    """Image-level AUROC of a category."""
+    return auroc_from_curve(scores.image_curve)
+
+
+def image_ap(scores: CategoryScores) -> float:
+    """Image-level average precision of a category."""
+    return ap_from_curve(scores.image_curve)
+
+
+def image_f1max(scores: CategoryScores) -> float:
+    """Image-level F1max of a category."""
+    return f1max_from_curve(scores.image_curve)
+
+
+def pixel_auroc(scores: CategoryScores) -> float:
+    """Pixel-level AUROC of a category."""
+    return auroc_from_curve(scores.pixel_curve)
+
+
+def pixel_ap(scores: CategoryScores) -> float:
+    """Pixel-level average precision of a category."""
+    return ap_from_curve(scores.pixel_curve)
+
+
+def pixel_f1max(scores: CategoryScores) -> float:
+    """Pixel-level F1max of a category."""
+    return f1max_from_curve(scores.pixel_curve)
+
+
+def pixel_aupro(scores: CategoryScores) -> float:
+    """Pixel-level AUPRO (FPR limit 0.3) of a category."""
+    return aupro_from_curve(scores.region_curve)
+
+
+STANDARD_METRICS = (
+    MetricSpec("image_auroc", "image", True, image_auroc, "I-AUROC", True),
+    MetricSpec("image_ap", "image", True, image_ap, "I-AP", True),
+    MetricSpec("image_f1max", "image", True, image_f1max, "I-F1max", True),
+    MetricSpec("pixel_auroc", "pixel", True, pixel_auroc, "P-AUROC", True),
+    MetricSpec("pixel_ap", "pixel", True, pixel_ap, "P-AP", True),
+    MetricSpec("pixel_f1max", "pixel", True, pixel_f1max, "P-F1max", True),
+    MetricSpec("pixel_aupro", "pixel", True, pixel_aupro, "P-AUPRO", True),
+)
+
+
+@hookimpl
+def harness_metrics():
+    """The seven standard metrics of DESIGN.md."""
+    return list(STANDARD_METRICS)

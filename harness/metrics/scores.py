@@ -1,0 +1,72 @@
+"""The per-category bundle every metric is computed from, with its curves built once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Sequence
+
+import numpy as np
+
+from harness.metrics.exact import BinaryCurve, ProCurve, binary_curve, pro_curve
+
+
+@dataclass
+class CategoryScores:
+    """Image scores, labels, anomaly maps and masks of one category's test set.
+
+    The ROC/PR curves are built lazily and cached, so the seven metrics of a category sort the
+    pixels once for AUROC/AP/F1max and once for AUPRO.
+
+    Attributes
+    ----------
+    image_scores : numpy.ndarray of shape (N,)
+    labels : numpy.ndarray of shape (N,)
+        0 normal, 1 anomalous.
+    maps : numpy.ndarray of shape (N, H, W)
+        Anomaly maps at the evaluation size.
+    masks : numpy.ndarray of shape (N, H, W), bool
+        Ground truth at the evaluation size.
+    name : str
+        Category name, used in error messages.
+    keys : sequence of str, optional
+        Sample keys, used to name the image in error messages.
+    """
+
+    image_scores: np.ndarray
+    labels: np.ndarray
+    maps: np.ndarray
+    masks: np.ndarray
+    name: str = ""
+    keys: Sequence[str] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        self.image_scores = np.asarray(self.image_scores, dtype=np.float64).ravel()
+        self.labels = np.asarray(self.labels).ravel().astype(bool)
+        self.maps = np.asarray(self.maps)
+        self.masks = np.asarray(self.masks).astype(bool)
+        where = f" in category {self.name!r}" if self.name else ""
+        if self.maps.shape != self.masks.shape:
+            raise ValueError(f"anomaly maps {self.maps.shape} and masks {self.masks.shape} differ in shape{where}")
+        if not (self.image_scores.size == self.labels.size == self.maps.shape[0]):
+            raise ValueError(f"{self.image_scores.size} image scores, {self.labels.size} labels and "
+                             f"{self.maps.shape[0]} maps{where}: they must match")
+        for i in range(self.maps.shape[0]):
+            if not np.isfinite(self.maps[i]).all() or not np.isfinite(self.image_scores[i]):
+                name = self.keys[i] if i < len(self.keys) else f"image {i}"
+                raise ValueError(f"NaN or inf in the anomaly map or score of {name}{where}")
+
+    @cached_property
+    def image_curve(self) -> BinaryCurve:
+        """Confusion counts over image scores."""
+        return binary_curve(self.image_scores, self.labels)
+
+    @cached_property
+    def pixel_curve(self) -> BinaryCurve:
+        """Confusion counts over all pixels of all maps."""
+        return binary_curve(self.maps, self.masks)
+
+    @cached_property
+    def region_curve(self) -> ProCurve:
+        """The per-region-overlap curve (AUPRO)."""
+        return pro_curve(self.maps, self.masks)
