@@ -328,7 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             if getattr(args, "command", "") == "run":
                 # Undefined metrics (e.g. no defect pixel) are reported as NaN in the tables.
-                warnings.filterwarnings("ignore", category=RuntimeWarning, module="harness.metrics")
+                from harness.metrics import UndefinedMetricWarning
+
+                warnings.filterwarnings("ignore", category=UndefinedMetricWarning)
             return int(args.func(args) or 0)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
