@@ -121,7 +121,7 @@ def test_third_party_package_lists_runs_fails_alone_and_resumes(tmp_path, third_
     done = harness(*args, cwd=tmp_path, pythonpath=third_party, check=False)
     assert done.returncode == 1, done.stderr
     assert "exploded in predict" in done.stderr
-    records = {r["job"]["method"]: r for r in iter_records(tmp_path / "res")}
+    records = {r["job"]["method"]: r for _, r in iter_records(tmp_path / "res")}
     assert records["pixelstats"]["status"] == "ok"
     assert records["pixelstats"]["efficiency"]["fps"] > 0
     assert records["explodes"]["status"] == "failed"
@@ -131,7 +131,7 @@ def test_third_party_package_lists_runs_fails_alone_and_resumes(tmp_path, third_
     # A rerun recomputes nothing that finished: the good record is untouched.
     before = records["pixelstats"]["finished"]
     harness(*args, cwd=tmp_path, pythonpath=third_party, check=False)
-    again = {r["job"]["method"]: r for r in iter_records(tmp_path / "res")}
+    again = {r["job"]["method"]: r for _, r in iter_records(tmp_path / "res")}
     assert again["pixelstats"]["finished"] == before
 
 
@@ -140,5 +140,5 @@ def test_fewshot_over_seeds_reports_mean_and_std(tmp_path, third_party):
     done = harness("run", "--methods", "pixelstats", "--protocol", "fewshot", "--shots", "1,2", "--seeds", "0,1",
                    "--eval-size", "64", "--no-progress", "--results-dir", "res", cwd=tmp_path, pythonpath=third_party)
     assert "±" in done.stdout
-    jobs = {(r["job"]["shots"], r["job"]["seed"]) for r in iter_records(tmp_path / "res")}
+    jobs = {(r["job"]["shots"], r["job"]["seed"]) for _, r in iter_records(tmp_path / "res")}
     assert jobs == {(1, 0), (1, 1), (2, 0), (2, 1)}

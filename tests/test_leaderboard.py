@@ -1,0 +1,235 @@
+"""The leaderboard: aggregation over seeds, bold best, reported rows, formats, the CSV check."""
+
+from __future__ import annotations
+
+import re
+import statistics
+
+import pandas as pd
+import pytest
+
+from harness.leaderboard import build_leaderboard, collect, compare_accuracy, tidy_table, write_leaderboard
+from harness.metrics import METRIC_NAMES
+from harness.records import write_record
+
+CATEGORIES = ("bottle", "cable")
+
+
+def _metrics(base: float, pixel: bool = True) -> dict[str, float | None]:
+    """Seven metric values around ``base`` (a fraction); pixel ones None when ``pixel`` is False."""
+    values: dict[str, float | None] = {}
+    for offset, name in enumerate(METRIC_NAMES):
+        values[name] = None if (name.startswith("pixel_") and not pixel) else round(base - offset * 0.01, 6)
+    return values
+
+
+def _record(method: str, seed: int, base: float, *, dataset="synthetic", protocol="multiclass", shots=None,
+            pixel=True, status="ok", fps=100.0):
+    """A record in the schema of ``harness.records``; category values are ``base`` and ``base - 0.02``."""
+    job = {"method": method, "dataset": dataset, "protocol": protocol, "shots": shots, "seed": seed,
+           "profile": "tiny", "overrides": {}}
+    if status != "ok":
+        return {"schema": 1, "job": job, "status": "failed", "metrics": {}, "mean": {}, "efficiency": {},
+                "error": {"phase": "fit", "type": "RuntimeError", "message": "boom | bad\nsecond line",
+                          "traceback": "..."}}
+    per_category = {"bottle": _metrics(base, pixel), "cable": _metrics(base - 0.02, pixel)}
+    mean = {name: (None if per_category["bottle"][name] is None
+                   else (per_category["bottle"][name] + per_category["cable"][name]) / 2) for name in METRIC_NAMES}
+    if all(v is not None for v in mean.values()):
+        mean["mad"] = sum(mean.values()) / len(mean)
+    return {"schema": 1, "job": job, "status": "ok", "error": None, "metrics": per_category, "mean": mean,
+            "efficiency": {"fps": fps, "params": 2_500_000, "latency_ms": 3.0, "device": "cpu",
+                           "params_by_network": {"net": 2_500_000}}, "finished": "2024-01-01T00:00:00"}
+
+
+def _write(results, record):
+    """Write ``record`` where the runner would."""
+    job = record["job"]
+    folder = job["protocol"] + (f"-{job['shots']}shot" if job["shots"] is not None else "")
+    path = results / "records" / job["dataset"] / folder / job["method"] / f"{job['profile']}-seed{job['seed']}.json"
+    write_record(path, record)
+
+
+@pytest.fixture
+def results(tmp_path):
+    """2 methods x 2 seeds on synthetic/multiclass, one failure, a few-shot group with 1 and 2 shots."""
+    root = tmp_path / "results"
+    _write(root, _record("alpha", 0, 0.90, fps=100.0))
+    _write(root, _record("alpha", 1, 0.94, fps=120.0))
+    # beta has no pixel maps (NaN pixel metrics) and a better image AUROC.
+    _write(root, _record("beta", 0, 0.96, pixel=False, fps=50.0))
+    _write(root, _record("beta", 1, 0.98, pixel=False, fps=60.0))
+    _write(root, _record("gamma", 0, 0.5, status="failed"))
+    for shots in (1, 2):
+        _write(root, _record("alpha", 0, 0.70 + shots / 100, protocol="fewshot", shots=shots))
+    return root
+
+
+@pytest.fixture
+def reported(tmp_path):
+    """A reported-numbers folder with one paper row for synthetic/multiclass and one for another dataset."""
+    folder = tmp_path / "reported"
+    folder.mkdir()
+    lines = ["paper,table,method,dataset,protocol,shots,category,metric,value",
+             "PaperX,Table 1,diad,synthetic,multiclass,,mean,image_auroc,99.5",
+             "PaperX,Table 1,diad,synthetic,multiclass,,bottle,image_auroc,99.9",
+             "PaperX,Table 2,diad,synthetic,multiclass,,mean,pixel_auroc,99.7",
+             "PaperX,Table 1,other,mvtec,multiclass,,mean,image_auroc,88.8"]
+    (folder / "paperx.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def _row(text: str, label: str) -> list[str]:
+    """The cells of the markdown table row whose first cell is ``label``."""
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] == label:
+            return cells
+    raise AssertionError(f"no row {label!r} in\n{text}")
+
+
+def _section(text: str, heading: str) -> str:
+    """The markdown text from ``heading`` up to the next level-2 heading."""
+    start = text.index(heading)
+    end = text.find("\n## ", start + 1)
+    return text[start:] if end < 0 else text[start:end]
+
+
+def test_collect_has_one_row_per_record(results):
+    frame = collect(results)
+    assert len(frame) == 7
+    assert set(frame["status"]) == {"ok", "failed"}
+    failed = frame[frame["status"] == "failed"].iloc[0]
+    assert failed["error_phase"] == "fit" and failed["method"] == "gamma"
+    assert frame.loc[frame["method"] == "beta", "metrics/bottle/pixel_auroc"].isna().all()
+    assert str(frame["shots"].dtype) == "Int64"
+
+
+def test_summary_mean_std_and_bold(results):
+    text = _section(build_leaderboard(results, per_category=False), "## synthetic — multiclass")
+    alpha, beta = _row(text, "alpha (tiny)"), _row(text, "beta (tiny)")
+    # alpha I-AUROC: seed means 89 and 93 (percent): mean 91.0, sample std 2.83.
+    expected_std = statistics.stdev([89.0, 93.0])
+    assert alpha[1] == f"91.0 ± {expected_std:.1f}"
+    assert beta[1] == "**96.0 ± 1.4**"  # beta is better on image metrics
+    assert alpha[4] == "88.0 ± 2.8"  # only alpha has pixel metrics: a lone value is not bold
+    assert beta[4] == "–" and beta[8] == "–"  # NaN pixel metrics and undefined mAD
+    assert alpha[9] == "**110.0**" and beta[9] == "55.0"  # FPS, higher is better, mean only
+    assert alpha[10] == "2.5" and alpha[11] == "2"  # Params (M) never bold, n seeds
+
+
+def test_reported_rows_match_group_and_are_never_bold(results, reported):
+    text = build_leaderboard(results, reported_dir=reported)
+    multiclass = _section(text, "## synthetic — multiclass")
+    row = _row(multiclass, "diad (reported, PaperX Table 1, Table 2)")
+    assert row[1] == "99.5" and row[4] == "99.7" and row[2] == "–"
+    assert "**" not in "|".join(row)
+    # 99.5 beats ours but ours keep the bold: reported rows are not competitors.
+    assert _row(multiclass, "beta (tiny)")[1].startswith("**")
+    assert "other (reported" not in text  # mvtec only
+    assert "(reported," not in _section(text, "## synthetic — fewshot, 1-shot")
+    # Per category, the reported value is an extra, never bold, column.
+    image = multiclass[multiclass.index("Per category, image"):]
+    bottle = _row(image, "bottle")
+    assert bottle[-1] == "99.9/–/–"
+
+
+def test_per_category_cells_and_bold(results):
+    text = _section(build_leaderboard(results), "## synthetic — multiclass")
+    image = text[text.index("Per category, image"):text.index("Per category, pixel")]
+    pixel = text[text.index("Per category, pixel"):]
+    # bottle: alpha seeds 90/94 -> 92.0, I-AP 91.0, I-F1max 90.0; beta 97/96/95 and bold.
+    assert _row(image, "bottle")[1:3] == ["92.0/91.0/90.0", "**97.0/96.0/95.0**"]
+    assert _row(image, "mean")[1:3] == ["91.0/90.0/89.0", "**96.0/95.0/94.0**"]
+    # beta has no pixel metrics: a lone dash, and alpha is not bold (nothing to beat).
+    assert _row(pixel, "cable")[1:3] == ["87.0/86.0/85.0/84.0", "–"]
+
+
+def test_failures_and_shots_groups(results):
+    text = build_leaderboard(results)
+    failures = _section(text, "## synthetic — multiclass")
+    row = _row(failures[failures.index("### Failures"):], "gamma")
+    assert row[1:4] == ["tiny", "0", "fit"]
+    assert "boom" in failures and "second line" not in failures
+    headings = re.findall(r"^## .*$", text, flags=re.M)
+    assert headings == ["## synthetic — fewshot, 1-shot", "## synthetic — fewshot, 2-shot",
+                        "## synthetic — multiclass"]
+    assert _row(_section(text, "## synthetic — fewshot, 2-shot"), "alpha (tiny)")[1] == "71.0"
+
+
+def test_groups_filter(results):
+    text = build_leaderboard(results, groups={("synthetic", "fewshot")})
+    assert "multiclass" not in text and "fewshot, 2-shot" in text
+    assert "No records" in build_leaderboard(results, groups={("mvtec", "multiclass")})
+
+
+def test_every_format(results, reported):
+    latex = build_leaderboard(results, reported_dir=reported, fmt="latex")
+    assert r"\textbf{" in latex and r"\begin{tabular}" in latex and r"$\pm$" in latex
+    html = build_leaderboard(results, reported_dir=reported, fmt="html")
+    assert "<b>" in html and "<table" in html
+    csv_text = build_leaderboard(results, fmt="csv")
+    assert csv_text.startswith("dataset,protocol,shots,method,profile,overrides,category,metric,mean,std,n_seeds")
+    assert "**" not in csv_text
+
+
+def test_tidy_table(results):
+    table = tidy_table(results)
+    row = table[(table["method"] == "alpha") & (table["protocol"] == "multiclass") & (table["category"] == "mean")
+                & (table["metric"] == "image_auroc")].iloc[0]
+    assert row["mean"] == pytest.approx(91.0) and row["n_seeds"] == 2
+    assert row["std"] == pytest.approx(statistics.stdev([89.0, 93.0]), abs=1e-4)
+    fps = table[(table["method"] == "beta") & (table["metric"] == "fps")].iloc[0]
+    assert fps["mean"] == pytest.approx(55.0) and fps["category"] == "mean"
+    assert "gamma" not in set(table["method"])
+    assert table.equals(tidy_table(results))  # stable
+
+
+def test_write_leaderboard(results, tmp_path):
+    out = tmp_path / "board"
+    paths = write_leaderboard(results, out, formats=("markdown", "csv", "latex", "html"))
+    assert [p.name for p in paths] == ["leaderboard.md", "leaderboard.csv", "leaderboard.tex", "leaderboard.html"]
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
+    frame = pd.read_csv(out / "leaderboard.csv")
+    assert {"fps", "params", "image_auroc", "mad"} <= set(frame["metric"])
+
+
+def test_compare_accuracy(results, tmp_path):
+    committed = write_leaderboard(results, tmp_path / "committed", formats=("csv",))[0]
+    frame = pd.read_csv(committed, keep_default_na=False, dtype=str)
+
+    def changed(metric: str, delta: float, category: str = "mean"):
+        edited = frame.copy()
+        mask = ((edited["method"] == "alpha") & (edited["protocol"] == "multiclass")
+                & (edited["category"] == category) & (edited["metric"] == metric))
+        edited.loc[mask, "mean"] = (edited.loc[mask, "mean"].astype(float) + delta).astype(str)
+        path = tmp_path / f"fresh-{metric}-{delta}.csv"
+        edited.to_csv(path, index=False)
+        return compare_accuracy(path, committed)
+
+    assert compare_accuracy(committed, committed) == []
+    problems = changed("image_auroc", 0.6)
+    assert len(problems) == 1 and "alpha" in problems[0] and "image_auroc" in problems[0]
+    assert changed("image_auroc", 0.4) == []
+    assert changed("pixel_ap", -0.6, category="bottle") != []
+    assert changed("fps", 50.0) == []
+    missing = tmp_path / "missing.csv"
+    frame[frame["method"] != "beta"].to_csv(missing, index=False)
+    assert any("missing from the fresh file" in p for p in compare_accuracy(missing, committed))
+
+
+def test_only_failed_group_and_overrides_variant(tmp_path):
+    root = tmp_path / "results"
+    _write(root, _record("gamma", 0, 0.5, status="failed"))
+    text = build_leaderboard(root)
+    assert "No successful runs." in text and "### Failures" in text and "I-AUROC" not in text
+    tweaked = _record("alpha", 0, 0.80)
+    tweaked["job"]["overrides"] = {"k": 3}
+    _write(root, _record("alpha", 0, 0.90))
+    write_record(root / "records" / "synthetic" / "multiclass" / "alpha" / "tiny-seed0-abc.json", tweaked)
+    text = build_leaderboard(root, per_category=False)
+    # Different command-line settings are separate rows, never averaged together.
+    assert _row(text, "alpha (tiny)")[1] == "**89.0**"
+    assert _row(text, "alpha (tiny; k=3)")[1] == "79.0"
+    latex = build_leaderboard(root, fmt="latex", per_category=False)
+    assert r"synthetic --- multiclass" in latex and "k=3" in latex
