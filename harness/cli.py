@@ -234,28 +234,21 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 def cmd_data_summary(args: argparse.Namespace) -> int:
     """``harness data summary``: what the loader found, per category, and every problem."""
-    from tabulate import tabulate
-
+    from harness.dataset_summary import format_summary, summarize
     from harness.registry import load_registry
 
     spec = load_registry().dataset(args.dataset)
     root = Path(args.root) if args.root else (spec.find_root() if spec.find_root else None)
     if root is None and spec.needs_root:
         raise UsageError(f"dataset {args.dataset!r} needs --root PATH")
-    index = spec.loader(root, None)
-    rows = []
-    for name, cat in index.categories.items():
-        rows.append({"category": name, "train": len(cat.train),
-                     "test_normal": sum(s.label == 0 for s in cat.test),
-                     "test_anomalous": sum(s.label == 1 for s in cat.test),
-                     "masks": sum(s.mask is not None for s in cat.test)})
+    categories = _split(getattr(args, "categories", None)) or None
+    index = spec.loader(root, categories)
+    summary = summarize(index, spec.official_counts, check=not getattr(args, "no_check", False))
+    summary["dataset"] = args.dataset
     if args.format == "json":
-        print(json.dumps({"dataset": args.dataset, "root": str(root) if root else None, "categories": rows,
-                          "problems": index.problems}, indent=2))
+        print(json.dumps(summary, indent=2))
     else:
-        print(tabulate(rows, headers="keys", tablefmt="simple"))
-        for problem in index.problems:
-            print(f"problem: {problem}")
+        print(format_summary(summary))
     return 0
 
 

@@ -29,7 +29,8 @@ BUILTIN_PLUGINS = ("harness.metrics.builtin",)
 
 _REQUIRED = {
     "methods": (MethodSpec, ("name", "paper", "protocols", "profiles", "factory")),
-    "datasets": (DatasetSpec, ("name", "categories", "loader")),
+    # categories may be empty (discovered in the root, e.g. a user's folder), but must be a tuple.
+    "datasets": (DatasetSpec, ("name", "loader")),
     "metrics": (MetricSpec, ("name", "level", "compute")),
 }
 
@@ -222,6 +223,9 @@ def _validate(spec: Any, spec_type: type, required: Sequence[str], kind: str) ->
     missing = missing_fields(spec, required)
     if missing:
         return f"{kind[:-1]} spec {getattr(spec, 'name', '?')!r} lacks {', '.join(missing)}"
+    if kind == "datasets" and not isinstance(spec.categories, tuple):
+        return (f"dataset {spec.name!r}: categories must be a tuple of names (empty when they are found in the "
+                f"root), got {type(spec.categories).__name__}")
     if kind == "methods":
         unknown = [p for p in spec.protocols if p not in PROTOCOLS]
         if unknown:

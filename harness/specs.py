@@ -96,6 +96,13 @@ class DatasetSpec:
         One line shown by ``harness list``.
     needs_root : bool
         False for datasets generated in memory (the synthetic set).
+    official_counts : mapping of str to mapping
+        Published image counts per category, ``{category: {"train": n, "test_normal": n,
+        "test_anomalous": n}}``; ``harness data summary`` compares the counts it finds with them
+        and warns about a partial download. Empty when nothing is published.
+
+    An empty ``categories`` tuple means the categories are discovered in the root (a user's own
+    folder of data).
     """
 
     name: str
@@ -104,6 +111,7 @@ class DatasetSpec:
     find_root: Callable[[], Any] | None = None
     description: str = ""
     needs_root: bool = True
+    official_counts: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

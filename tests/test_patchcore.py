@@ -1,0 +1,137 @@
+"""Tests of the PatchCore plugin on the toy data (fast) and of its paper profile (no weights)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from toy_plugins import load_toy
+
+from harness import FitContext, TrainSet, WeightsNotFoundError
+from harness.data import ImageCache, read_image, resize_image, to_tensor
+from harness.progress import Progress
+from harness.weights import WeightsResolver
+from harness_patchcore.model import PatchCore
+from harness_patchcore.plugin import PROFILES, harness_methods
+
+SIZE = 64
+
+
+def _settings(**overrides):
+    settings = dict(PROFILES["tiny"], image_size=SIZE, pretrain_embed_dim=64, target_embed_dim=64)
+    settings.update(overrides)
+    return settings
+
+
+def _context(tmp_path, settings, profile="tiny"):
+    return FitContext(device=torch.device("cpu"), seed=0, profile=profile, settings=settings,
+                      cache_dir=tmp_path, weights=WeightsResolver(tmp_path / "weights"),
+                      progress=Progress(enabled=False), pseudo_validation=lambda *a, **k: None)
+
+
+def _toy():
+    index = load_toy()
+    train = [s for cat in index.categories.values() for s in cat.train]
+    test = [s for cat in index.categories.values() for s in cat.test]
+    images = to_tensor([resize_image(read_image(s.image), (SIZE, SIZE)) for s in test])
+    return TrainSet("toy", train, (SIZE, SIZE), ImageCache()), images, [s.category for s in test], \
+        np.array([s.label for s in test])
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    torch.manual_seed(123)
+    train, images, categories, labels = _toy()
+    settings = _settings()
+    method = PatchCore(settings).to("cpu")
+    context = _context(tmp_path_factory.mktemp("pc"), settings)
+    method.fit(train, context)
+    method.eval()
+    return method, context, images, categories, labels
+
+
+def test_spec_is_complete():
+    (spec,) = harness_methods()
+    assert spec.name == "patchcore" and set(spec.profiles) >= {"paper", "tiny"}
+    for profile in spec.profiles.values():
+        assert set(profile) <= set(spec.settings_help)
+
+
+def test_fit_predict_shapes_and_separation(fitted):
+    method, context, images, categories, labels = fitted
+    out = method.predict(images, categories)
+    maps, scores = out.anomaly_maps, out.image_scores
+    assert maps.shape == (len(images), SIZE, SIZE) and scores.shape == (len(images),)
+    assert torch.isfinite(maps).all() and torch.isfinite(scores).all()
+    assert scores[labels == 1].mean() > scores[labels == 0].mean()
+    assert context.info["backbone_init"] == "random"
+    bank = context.info["memory_bank"]
+    assert bank["coreset"] == round(0.1 * bank["patches"]) == method.bank.shape[0]
+
+
+def test_state_dict_round_trip(fitted, tmp_path):
+    method, _, images, categories, _ = fitted
+    path = tmp_path / "fit.pt"
+    torch.save(method.state_dict(), path)
+    # A fresh object built from another random state must reproduce the fit exactly.
+    torch.manual_seed(999)
+    restored = PatchCore(_settings()).to("cpu")
+    restored.load_state_dict(torch.load(path, weights_only=True))
+    restored.eval()
+    a, b = method.predict(images[:4], categories[:4]), restored.predict(images[:4], categories[:4])
+    assert torch.equal(a.anomaly_maps, b.anomaly_maps) and torch.equal(a.image_scores, b.image_scores)
+
+
+def test_fit_is_reproducible_from_the_seed(fitted, tmp_path):
+    method, _, images, categories, _ = fitted
+    train, *_ = _toy()
+    torch.manual_seed(7)  # a different global state must not matter: fit re-seeds the backbone
+    other = PatchCore(_settings()).to("cpu")
+    other.fit(train, _context(tmp_path, _settings()))
+    other.eval()
+    assert torch.allclose(other.predict(images[:4], categories[:4]).image_scores,
+                          method.predict(images[:4], categories[:4]).image_scores)
+
+
+def test_paper_profile_builds_on_meta_device():
+    with torch.device("meta"):
+        method = PatchCore(PROFILES["paper"])
+    count = method.parameter_count()["backbone"]
+    # The full wide_resnet50_2 has 68.88 M parameters, of which layer4 and fc (not built with
+    # out_indices=(2, 3)) hold 44.02 M: stem + layer1..layer3 = 24.86 M.
+    assert 24.5e6 < count < 25.2e6, count
+    assert method.input_size == (256, 256)
+
+
+def test_paper_profile_without_weights_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HARNESS_WEIGHTS", raising=False)
+    settings = dict(PROFILES["paper"], image_size=32)
+    train, *_ = _toy()
+    with torch.device("meta"):
+        method = PatchCore(settings)
+    with pytest.raises(WeightsNotFoundError) as err:
+        method.fit(train, _context(tmp_path, settings, profile="paper"))
+    message = str(err.value)
+    assert "wide_resnet50_2" in message and str(tmp_path / "weights") in message and "tiny" in message
+
+
+def test_paper_weights_are_loaded_from_disk(tmp_path, monkeypatch):
+    """A checkpoint in the torchvision layout is found in the weights folder and loaded."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    # resnet18 stands in for wide_resnet50_2 to keep the test fast; the loading code is the same.
+    settings = _settings(backbone="resnet18", pretrained=True)
+    import timm
+
+    full = timm.create_model("resnet18", pretrained=False)
+    (tmp_path / "weights").mkdir()
+    torch.save(full.state_dict(), tmp_path / "weights" / "resnet18.pth")
+    train, images, categories, _ = _toy()
+    method = PatchCore(settings).to("cpu")
+    context = _context(tmp_path, settings, profile="paper")
+    method.fit(train, context)
+    assert context.info["backbone_init"] == "imagenet"
+    assert torch.equal(method.backbone.state_dict()["conv1.weight"], full.state_dict()["conv1.weight"])
