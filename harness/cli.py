@@ -220,6 +220,41 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``harness evaluate``: score maps written by another codebase; print the table, write a record."""
+    from harness.evaluate_maps import evaluate_maps, evaluation_record, format_table, now
+    from harness.records import write_record
+    from harness.registry import load_registry
+
+    started = now()
+    spec = load_registry().dataset(args.dataset)
+    root = Path(args.root) if args.root else (spec.find_root() if spec.find_root else None)
+    if root is None and spec.needs_root:
+        raise UsageError(f"dataset {args.dataset!r} needs --root PATH")
+    if args.protocol == "fewshot" and not args.shots:
+        raise UsageError("--protocol fewshot needs --shots K (the shots the maps were made with)")
+    maps_dir = Path(args.maps)
+    categories = _split(args.categories) or None
+    index = spec.loader(root, categories)
+    eval_size = None if args.eval_size == "native" else int(args.eval_size)
+    evaluation = evaluate_maps(maps_dir, index, categories, eval_size)
+    for path in evaluation.extra_files[:20]:
+        print(f"warning: {path} matches no test image of {args.dataset}; ignored", file=sys.stderr)
+    if len(evaluation.extra_files) > 20:
+        print(f"warning: ... and {len(evaluation.extra_files) - 20} more map files that match no test image",
+              file=sys.stderr)
+    name = args.name or maps_dir.resolve().name
+    shots = args.shots if args.protocol == "fewshot" else None
+    job, record = evaluation_record(evaluation, name=name, dataset=args.dataset, protocol=args.protocol, shots=shots,
+                                    maps_dir=maps_dir, eval_size=eval_size, started=started)
+    print(format_table(evaluation.metrics))
+    if not args.no_record:
+        path = job.record_path(Path(args.results_dir))
+        write_record(path, record)
+        print(f"record: {path}", file=sys.stderr)
+    return 0
+
+
 def cmd_data_synth(args: argparse.Namespace) -> int:
     """``harness data synth --out DIR``: write the synthetic dataset in the MVTec-AD layout."""
     from harness.export import write_mvtec_layout
@@ -299,6 +334,21 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--summary-only", action="store_true", help="no per-category tables")
     board.set_defaults(func=cmd_leaderboard)
 
+    evaluate = sub.add_parser("evaluate", help="score anomaly maps made elsewhere (MVTec evaluation layout)")
+    evaluate.add_argument("--maps", required=True, help="folder of maps: <category>/test/<defect>/<stem>.tiff|.npy")
+    evaluate.add_argument("--dataset", required=True, help="dataset whose test ground truth scores the maps")
+    evaluate.add_argument("--root", default=None, help="the dataset's folder")
+    evaluate.add_argument("--name", default=None, help="method name in the record (default: the maps folder's name)")
+    evaluate.add_argument("--protocol", default="multiclass", choices=["multiclass", "fewshot", "oneclass"],
+                          help="protocol the maps were made under (default multiclass)")
+    evaluate.add_argument("--shots", type=int, default=None, help="shots per category, for --protocol fewshot")
+    evaluate.add_argument("--categories", default="", help="comma-separated categories (default: all)")
+    evaluate.add_argument("--eval-size", default="native",
+                          help="'native' (default: the masks' resolution, maps must match it) or N to resize to NxN")
+    evaluate.add_argument("--results-dir", default="results", help="where the record is written (default: results)")
+    evaluate.add_argument("--no-record", action="store_true", help="print the table only")
+    evaluate.set_defaults(func=cmd_evaluate)
+
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     synth = data_sub.add_parser("synth", help="write the synthetic dataset to disk in the MVTec-AD layout")
@@ -319,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with warnings.catch_warnings():
-            if getattr(args, "command", "") == "run":
+            if getattr(args, "command", "") in ("run", "evaluate"):
                 # Undefined metrics (e.g. no defect pixel) are reported as NaN in the tables.
                 from harness.metrics import UndefinedMetricWarning
 

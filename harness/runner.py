@@ -20,7 +20,6 @@ import os
 import platform
 import random
 import subprocess
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -37,7 +36,8 @@ from harness.efficiency import PredictTimer, count_flops
 from harness.errors import HarnessError, MethodOutputError, UsageError
 from harness.jobs import Job
 from harness.method import FitContext, Method, Prediction, as_numpy
-from harness.metrics import CategoryScores, mean_over_categories
+from harness.metrics import CategoryScores, MetricAccumulator, mean_over_categories
+from harness.metrics.builtin import STANDARD_METRICS
 from harness.progress import Progress
 from harness.protocols import FitUnit, plan_fit_units
 from harness.pseudo_validation import make_pseudo_validation
@@ -348,6 +348,8 @@ class Runner:
     def _evaluate_unit(self, job: Job, unit: FitUnit, method: Method, index: DatasetIndex, record: dict[str, Any],
                        timer: PredictTimer, eff: dict[str, Any]) -> None:
         metric_specs = self.registry.metric_specs()
+        # The standard seven are streamed; maps are kept only for a metric plugin that may read them.
+        keep_maps = any(spec not in STANDARD_METRICS for spec in metric_specs)
         warmed = False
         total = sum(len(index.categories[c].test) for c in unit.test_categories)
         with torch.no_grad(), self.progress.bar(total=total, desc=f"{job.method} test", unit="img") as bar:
@@ -358,7 +360,7 @@ class Runner:
                 if not warmed:
                     eff["flops_per_image"] = self._warm_up(method, index.name, samples[0], timer)
                     warmed = True
-                scores = self._predict_category(method, index.name, category, samples, timer, bar)
+                scores = self._predict_category(method, index.name, category, samples, timer, bar, keep_maps)
                 record["metrics"][category] = {m.name: float(m.compute(scores)) for m in metric_specs}
 
     def _warm_up(self, method: Method, dataset: str, sample: Sample, timer: PredictTimer) -> int | None:
@@ -370,26 +372,31 @@ class Runner:
         return flops
 
     def _predict_category(self, method: Method, dataset: str, category: str, samples: Sequence[Sample],
-                          timer: PredictTimer, bar: Any) -> CategoryScores:
-        maps, masks, image_scores = [], [], []
+                          timer: PredictTimer, bar: Any, keep_maps: bool = False) -> CategoryScores:
+        accumulator = MetricAccumulator(name=category)
+        maps, masks, image_scores, shapes = [], [], [], set()
         for start in range(0, len(samples), method.eval_batch_size):
             batch = samples[start:start + method.eval_batch_size]
             images = to_tensor([self.cache.image(dataset, s, method.input_size) for s in batch]).to(self.device)
             prediction = timer.time(lambda: method.predict(images, [s.category for s in batch]), len(batch))
             batch_maps, batch_scores = check_prediction(prediction, batch)
-            for sample, amap in zip(batch, batch_maps):
-                mask = self._mask(sample)
-                maps.append(resize_map(amap, mask.shape))
-                masks.append(mask)
+            batch_masks = [self._mask(sample) for sample in batch]
+            resized = [resize_map(amap, mask.shape) for amap, mask in zip(batch_maps, batch_masks)]
+            shapes.update(m.shape for m in batch_masks)
+            if len(shapes) > 1:
+                raise HarnessError(f"{dataset}/{category}: test images have different sizes {sorted(shapes)}; "
+                                   "use --eval-size N to evaluate on a common grid")
+            accumulator.update(resized, batch_masks, image_scores=batch_scores,
+                               labels=[s.label for s in batch], names=[s.key for s in batch])
+            if keep_maps:
+                maps.extend(resized)
+                masks.extend(batch_masks)
             image_scores.append(batch_scores)
             bar.update(len(batch))
-        shapes = {m.shape for m in masks}
-        if len(shapes) > 1:
-            raise HarnessError(f"{dataset}/{category}: test images have different sizes {sorted(shapes)}; "
-                               "use --eval-size N to evaluate on a common grid")
         return CategoryScores(
             image_scores=np.concatenate(image_scores), labels=np.array([s.label for s in samples]),
-            maps=np.stack(maps), masks=np.stack(masks), name=category,
+            maps=np.stack(maps) if keep_maps else None, masks=np.stack(masks) if keep_maps else None,
+            name=category, keys=[s.key for s in samples], standard=accumulator.compute(),
         )
 
     def _mask(self, sample: Sample) -> np.ndarray:

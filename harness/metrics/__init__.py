@@ -3,6 +3,7 @@
 Public API
 ----------
 - :func:`evaluate` scores anomaly maps from any codebase against masks.
+- :class:`MetricAccumulator` gives the same numbers batch by batch, without keeping the maps.
 - :class:`CategoryScores` is what each metric plugin's ``compute`` receives.
 - :func:`mean_over_categories` gives the papers' ``m`` values and mAD.
 """
@@ -10,10 +11,11 @@ Public API
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 
+from harness.metrics.engine import MetricAccumulator
 from harness.metrics.exact import (AUPRO_FPR_LIMIT, UndefinedMetricWarning, aupro, auroc, average_precision,
                                    binary_curve, f1max, pro_curve)
 from harness.metrics.scores import CategoryScores
@@ -29,35 +31,21 @@ METRIC_LABELS = {
 MAD_METRICS = METRIC_NAMES
 
 __all__ = [
-    "AUPRO_FPR_LIMIT", "CategoryScores", "MAD_METRICS", "METRIC_LABELS", "METRIC_NAMES", "UndefinedMetricWarning",
+    "AUPRO_FPR_LIMIT", "CategoryScores", "MAD_METRICS", "METRIC_LABELS", "METRIC_NAMES", "MetricAccumulator",
+    "UndefinedMetricWarning",
     "aupro", "auroc", "average_precision", "binary_curve", "evaluate", "f1max", "mean_over_categories", "pro_curve",
 ]
 
 
-def _as_stack(arrays, name: str, dtype) -> np.ndarray:
-    if isinstance(arrays, np.ndarray):
-        out = arrays
-    else:
-        arrays = [np.asarray(a) for a in arrays]
-        shapes = {a.shape for a in arrays}
-        if len(shapes) > 1:
-            raise ValueError(f"{name} have different shapes {sorted(shapes)}; resize them to one size first")
-        out = np.stack(arrays) if arrays else np.zeros((0, 1, 1))
-    if out.ndim == 4 and out.shape[1] == 1:
-        out = out[:, 0]
-    if out.ndim != 3:
-        raise ValueError(f"{name} must be (N, H, W) or a sequence of (H, W) arrays, got shape {out.shape}")
-    return out.astype(dtype, copy=False)
-
-
 def evaluate(anomaly_maps, masks, image_scores=None, labels=None) -> dict[str, float]:
-    """Compute the seven standard metrics of one category.
+    """Compute the seven standard metrics of one category, exactly.
 
     Parameters
     ----------
     anomaly_maps : array of shape (N, H, W) or sequence of (H, W) arrays
-        Higher means more anomalous. NaN or inf is an error naming the image.
-    masks : same shape as ``anomaly_maps``
+        Higher means more anomalous, any value range. NaN or inf is an error naming the image.
+        float32 maps are sorted as float32; float64 maps keep their precision.
+    masks : same shapes as ``anomaly_maps``
         Boolean or 0/255 ground truth; a pixel is defective when > 0.
     image_scores : array of shape (N,), optional
         Defaults to each map's maximum.
@@ -69,20 +57,14 @@ def evaluate(anomaly_maps, masks, image_scores=None, labels=None) -> dict[str, f
     dict
         ``image_auroc, image_ap, image_f1max, pixel_auroc, pixel_ap, pixel_f1max, pixel_aupro`` as
         fractions in [0, 1]; NaN (with an :class:`UndefinedMetricWarning`) where undefined.
-    """
-    from harness.metrics.builtin import STANDARD_METRICS
 
-    maps = _as_stack(anomaly_maps, "anomaly maps", np.float32)
-    mask_arr = _as_stack(masks, "masks", None) > 0
-    for i, amap in enumerate(maps):
-        if not np.isfinite(amap).all():
-            raise ValueError(f"anomaly map {i} contains NaN or inf")
-    if image_scores is None:
-        image_scores = maps.reshape(maps.shape[0], -1).max(axis=1) if maps.size else np.zeros(0)
-    if labels is None:
-        labels = mask_arr.reshape(mask_arr.shape[0], -1).any(axis=1)
-    scores = CategoryScores(image_scores=image_scores, labels=labels, maps=maps, masks=mask_arr)
-    return {spec.name: float(spec.compute(scores)) for spec in STANDARD_METRICS}
+    See Also
+    --------
+    MetricAccumulator : the same numbers, fed batch by batch.
+    """
+    accumulator = MetricAccumulator()
+    accumulator.update(anomaly_maps, masks, image_scores=image_scores, labels=labels)
+    return accumulator.compute()
 
 
 def mean_over_categories(per_category: Mapping[str, Mapping[str, float | None]]) -> dict[str, float]:

@@ -1,46 +1,49 @@
-"""The seven standard metrics, provided through the metric hook like any plugin's."""
+"""The seven standard metrics, provided through the metric hook like any plugin's.
+
+All seven come from one pass of the exact engine (:mod:`harness.metrics.engine`), cached on the
+:class:`CategoryScores`; each plugin picks its value.
+"""
 
 from __future__ import annotations
 
 from harness.hookspecs import hookimpl
-from harness.metrics.exact import ap_from_curve, aupro_from_curve, auroc_from_curve, f1max_from_curve
 from harness.metrics.scores import CategoryScores
 from harness.specs import MetricSpec
 
 
 def image_auroc(scores: CategoryScores) -> float:
     """Image-level AUROC of a category."""
-    return auroc_from_curve(scores.image_curve)
+    return scores.standard_metrics["image_auroc"]
 
 
 def image_ap(scores: CategoryScores) -> float:
     """Image-level average precision of a category."""
-    return ap_from_curve(scores.image_curve)
+    return scores.standard_metrics["image_ap"]
 
 
 def image_f1max(scores: CategoryScores) -> float:
     """Image-level F1max of a category."""
-    return f1max_from_curve(scores.image_curve)
+    return scores.standard_metrics["image_f1max"]
 
 
 def pixel_auroc(scores: CategoryScores) -> float:
     """Pixel-level AUROC of a category."""
-    return auroc_from_curve(scores.pixel_curve)
+    return scores.standard_metrics["pixel_auroc"]
 
 
 def pixel_ap(scores: CategoryScores) -> float:
     """Pixel-level average precision of a category."""
-    return ap_from_curve(scores.pixel_curve)
+    return scores.standard_metrics["pixel_ap"]
 
 
 def pixel_f1max(scores: CategoryScores) -> float:
     """Pixel-level F1max of a category."""
-    return f1max_from_curve(scores.pixel_curve)
+    return scores.standard_metrics["pixel_f1max"]
 
 
 def pixel_aupro(scores: CategoryScores) -> float:
     """Pixel-level AUPRO (FPR limit 0.3) of a category."""
-    return aupro_from_curve(scores.region_curve)
+    return scores.standard_metrics["pixel_aupro"]
 
 
 STANDARD_METRICS = (

@@ -1,0 +1,277 @@
+"""``harness evaluate``: score anomaly maps produced by another codebase with the exact engine.
+
+Layout (the one the official MVTec AD evaluation expects): one map per test image, mirroring the
+dataset's test tree::
+
+    <maps>/<category>/test/<defect>/<stem>.tiff     (also .tif or .npy)
+
+A map is a 2-D array (higher = more anomalous; a singleton channel is dropped). It is scored
+against the dataset's ground truth at the mask's own resolution, as the official evaluation
+does; a map of another size is an error naming the file, unless ``eval_size`` is given, in which
+case maps are resized bilinearly and masks by nearest neighbour to ``eval_size`` x ``eval_size``
+(the runner's convention). The image score is the map's maximum (the official evaluation's
+rule); the image label is the test folder's.
+
+A test image without a map is an error naming the file (a partial evaluation would not be
+comparable); a map file that matches no test image is reported as a warning and ignored.
+
+The result is one record per call, shaped like a run's (see :mod:`harness.records`), with
+``method`` = the given name and ``profile`` = ``"maps"``, so ``harness leaderboard`` lists it
+beside the methods run here.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from harness.data import DatasetIndex, Sample, read_mask, resize_mask
+from harness.errors import UsageError
+
+#: Map file suffixes, in the order they are looked for.
+MAP_SUFFIXES = (".tiff", ".tif", ".npy")
+#: ``profile`` of the records written by ``harness evaluate``.
+EVALUATE_PROFILE = "maps"
+_BATCH = 16
+
+
+class MapError(UsageError):
+    """A map file is missing, unreadable, or does not fit its ground truth."""
+
+
+@dataclass
+class MapsEvaluation:
+    """What ``harness evaluate`` found and computed.
+
+    Attributes
+    ----------
+    metrics : dict
+        ``{category: {metric: value}}``.
+    extra_files : list of Path
+        Map files that match no test image (ignored).
+    n_maps : int
+        Maps scored.
+    """
+
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    extra_files: list[Path] = field(default_factory=list)
+    n_maps: int = 0
+
+
+def map_path(maps_dir: Path, sample: Sample) -> Path | None:
+    """The map file of ``sample`` under ``maps_dir``, or None when there is none.
+
+    Parameters
+    ----------
+    maps_dir : Path
+    sample : Sample
+        A test sample; its key is ``<category>/test/<defect>/<stem>``.
+
+    Returns
+    -------
+    Path or None
+    """
+    base = Path(maps_dir) / sample.key
+    for suffix in MAP_SUFFIXES:
+        candidate = base.with_name(base.name + suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_map(path: Path) -> np.ndarray:
+    """Read one anomaly map (TIFF or NPY) as a 2-D float array.
+
+    Raises
+    ------
+    MapError
+        When the file cannot be read or is not one 2-D map; the message names the file.
+    """
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".npy":
+            array = np.load(path, allow_pickle=False)
+        else:
+            import tifffile
+
+            array = tifffile.imread(path)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is the file's problem
+        raise MapError(f"cannot read anomaly map {path}: {exc}") from exc
+    array = np.asarray(array)
+    if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
+        array = array.reshape(array.shape[1:] if array.shape[0] == 1 else array.shape[:-1])
+    if array.ndim != 2:
+        raise MapError(f"anomaly map {path} has shape {array.shape}; expected one 2-D map (H, W)")
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise MapError(f"anomaly map {path} has dtype {array.dtype}; expected real numbers")
+    return array
+
+
+def _image_size(sample: Sample) -> tuple[int, int]:
+    from harness.runner import native_size
+
+    return native_size(sample)
+
+
+def _resize_map(amap: np.ndarray, size: int) -> np.ndarray:
+    from harness.runner import resize_map
+
+    return resize_map(amap.astype(np.float32), (size, size))
+
+
+def _ground_truth(sample: Sample, amap: np.ndarray, path: Path, eval_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(map, mask) of one test image at the evaluation size."""
+    if sample.mask is not None:
+        mask = read_mask(sample.mask)
+    else:
+        mask = np.zeros(_image_size(sample), dtype=bool)
+    if eval_size:
+        return _resize_map(amap, eval_size), resize_mask(mask, (eval_size, eval_size))
+    if amap.shape != mask.shape:
+        raise MapError(f"anomaly map {path} is {amap.shape[1]}x{amap.shape[0]} (WxH) but its ground truth is "
+                       f"{mask.shape[1]}x{mask.shape[0]}; write maps at the image's resolution, or pass "
+                       f"--eval-size N to resize both to NxN")
+    return amap, mask
+
+
+def find_extra_files(maps_dir: Path, categories: Iterable[str], expected: set[Path]) -> list[Path]:
+    """Map files under the categories' ``test`` folders that match no test image."""
+    extra = []
+    for category in categories:
+        folder = Path(maps_dir) / category / "test"
+        if folder.is_dir():
+            extra += [p for p in sorted(folder.rglob("*")) if p.suffix.lower() in MAP_SUFFIXES
+                      and p.is_file() and p not in expected]
+    return extra
+
+
+def evaluate_maps(maps_dir: Path, index: DatasetIndex, categories: Sequence[str] | None = None,
+                  eval_size: int | None = None) -> MapsEvaluation:
+    """Score the maps under ``maps_dir`` against ``index``'s test ground truth, per category.
+
+    Parameters
+    ----------
+    maps_dir : Path
+        Folder in the layout of the module docstring.
+    index : DatasetIndex
+        The dataset, as a dataset plugin's loader returns it.
+    categories : sequence of str, optional
+        Categories to score (default: every category with test images).
+    eval_size : int, optional
+        Resize maps and masks to this square size; default: the masks' own size.
+
+    Returns
+    -------
+    MapsEvaluation
+
+    Raises
+    ------
+    MapError
+        When maps are missing (all of them are named, up to 20), unreadable, or of a size other
+        than their mask's.
+    """
+    from harness.metrics import MetricAccumulator
+
+    maps_dir = Path(maps_dir)
+    if not maps_dir.is_dir():
+        raise MapError(f"--maps {maps_dir}: no such folder")
+    names = list(categories) if categories else [c for c, data in index.categories.items() if data.test]
+    unknown = [c for c in names if c not in index.categories]
+    if unknown:
+        raise UsageError(f"category {', '.join(unknown)} is not in dataset {index.name!r}; "
+                         f"it has {', '.join(index.categories)}")
+    paths: dict[str, list[tuple[Sample, Path]]] = {}
+    missing: list[str] = []
+    for category in names:
+        pairs = []
+        for sample in index.categories[category].test:
+            path = map_path(maps_dir, sample)
+            if path is None:
+                missing.append(str(maps_dir / sample.key) + ".tiff")
+            else:
+                pairs.append((sample, path))
+        paths[category] = pairs
+    if missing:
+        shown = "\n  ".join(missing[:20]) + (f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else "")
+        raise MapError(f"{len(missing)} test image(s) have no anomaly map (looked for "
+                       f"{', '.join(MAP_SUFFIXES)}):\n  {shown}")
+    result = MapsEvaluation()
+    expected = {p for pairs in paths.values() for _, p in pairs}
+    result.extra_files = find_extra_files(maps_dir, names, expected)
+    for category in names:
+        accumulator = MetricAccumulator(name=category)
+        pairs = paths[category]
+        for start in range(0, len(pairs), _BATCH):
+            batch = pairs[start:start + _BATCH]
+            maps, masks = [], []
+            for sample, path in batch:
+                amap, mask = _ground_truth(sample, read_map(path), path, eval_size)
+                maps.append(amap)
+                masks.append(mask)
+            try:
+                accumulator.update(maps, masks, labels=[s.label for s, _ in batch], names=[str(p) for _, p in batch])
+            except ValueError as exc:
+                raise MapError(str(exc)) from exc
+        result.metrics[category] = accumulator.compute()
+        result.n_maps += len(pairs)
+    return result
+
+
+def evaluation_record(evaluation: MapsEvaluation, *, name: str, dataset: str, protocol: str, shots: int | None,
+                      maps_dir: Path, eval_size: int | None, started: str) -> tuple[Any, dict[str, Any]]:
+    """The job and record of an evaluation, shaped like the runner's.
+
+    Returns
+    -------
+    (Job, dict)
+    """
+    from harness import __version__
+    from harness.jobs import Job
+    from harness.metrics import mean_over_categories
+    from harness.records import SCHEMA_VERSION
+
+    job = Job(method=name, dataset=dataset, protocol=protocol, shots=shots, seed=0, profile=EVALUATE_PROFILE)
+    record = {
+        "schema": SCHEMA_VERSION, "job": job.as_dict(), "status": "ok", "error": None,
+        "metrics": evaluation.metrics, "mean": mean_over_categories(evaluation.metrics),
+        "efficiency": {"n_test_images": evaluation.n_maps},
+        "method_info": {"source": "harness evaluate", "maps_dir": str(Path(maps_dir).resolve()),
+                        "image_score": "maximum of the anomaly map",
+                        "eval_size": eval_size or "native (mask resolution)",
+                        "extra_map_files_ignored": len(evaluation.extra_files)},
+        "settings": {},
+        "environment": {"harness": __version__, "python": platform.python_version(), "numpy": np.__version__,
+                        "platform": platform.platform()},
+        "started": started, "finished": _now(),
+    }
+    return job, record
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def format_table(metrics: dict[str, dict[str, float]]) -> str:
+    """Per-category values and their mean, in percent, as a Markdown table."""
+    from tabulate import tabulate
+
+    from harness.metrics import METRIC_LABELS, METRIC_NAMES, mean_over_categories
+
+    def pct(value: float | None) -> str:
+        return "—" if value is None or value != value else f"{100 * value:.2f}"
+
+    rows = [[c] + [pct(v.get(m)) for m in METRIC_NAMES] + [""] for c, v in metrics.items()]
+    mean = mean_over_categories(metrics)
+    rows.append(["**mean**"] + [pct(mean.get(m)) for m in METRIC_NAMES] + [pct(mean.get("mad"))])
+    headers = ["category"] + [METRIC_LABELS[m] for m in METRIC_NAMES] + [METRIC_LABELS["mad"]]
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def now() -> str:
+    """The current UTC time, ISO format (records' ``started``/``finished``)."""
+    return _now()
