@@ -1,0 +1,1 @@
+"""The anomalysd method plugin (work in progress)."""

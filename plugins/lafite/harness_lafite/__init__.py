@@ -1,0 +1,1 @@
+"""The lafite method plugin (work in progress)."""
