@@ -15,7 +15,7 @@ except ImportError:  # not installed: import from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "diffusionad"))
 
 from harness import FitContext, TrainSet  # noqa: E402
-from harness.data import CategoryData, ImageCache, Sample  # noqa: E402
+from harness.data import ImageCache, Sample  # noqa: E402
 from harness.progress import Progress  # noqa: E402
 from harness_diffusionad import synthesis  # noqa: E402
 from harness_diffusionad.model import DiffusionAD, top_k_mean  # noqa: E402

@@ -18,7 +18,10 @@ SIZE = 64
 
 
 def _settings(**overrides):
-    settings = dict(PROFILES["tiny"], image_size=SIZE, pretrain_embed_dim=64, target_embed_dim=64)
+    # ResNet-18 layer2 + layer3 at 64 px keep the toy bank small and the test fast; the coreset
+    # ratio is the paper's 10%.
+    settings = dict(PROFILES["tiny"], backbone="resnet18", image_size=SIZE, layers=(2, 3), pretrain_embed_dim=64,
+                    target_embed_dim=64, coreset_ratio=0.1)
     settings.update(overrides)
     return settings
 

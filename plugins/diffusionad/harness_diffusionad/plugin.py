@@ -11,8 +11,8 @@ Profiles
     ``epochs=500 batch_size=6 levels=[100,200] combination=average`` for that.) No weights are
     pretrained, and nothing is downloaded.
 ``tiny``
-    The same code at toy scale for CPU runs: 64 px, a 16-channel three-level UNet, a 16-channel
-    four-stage segmentation U-Net, a few epochs, larger learning rates.
+    The same code at toy scale for CPU runs: 32 px, an 8-channel three-level UNet, a 16-channel
+    four-stage segmentation U-Net, 40 epochs at batch 16, larger learning rates.
 """
 
 from __future__ import annotations
@@ -42,14 +42,18 @@ PROFILES = {
         "seg_base_channels": 64, "seg_depth": 6,
         "epochs": 3000, "batch_size": 16, "lr_denoiser": 1e-4, "lr_segmenter": 1e-5, "seg_cosine_tmax": 10,
     },
+    # Trained from scratch on a CPU, the segmentation network only starts to separate the
+    # synthetic set's defects after ~600 joint steps (image AUROC ~0.5 at 120 steps, ~0.65-0.7
+    # at 600 in our runs), so the budget goes into steps rather than width or resolution:
+    # 32 px, an 8-channel denoiser, batch 16, 40 epochs (~3 minutes on 2 cores).
     "tiny": {
-        **_COMMON, "image_size": 64, "eval_batch_size": 30,
-        "base_channels": 16, "channel_mults": (1, 2, 4), "layers_per_block": 1,
-        "attention_resolutions": (16,), "norm_groups": 8,
+        **_COMMON, "image_size": 32, "eval_batch_size": 30,
+        "base_channels": 8, "channel_mults": (1, 2, 4), "layers_per_block": 1,
+        "attention_resolutions": (16,), "norm_groups": 4,
         "seg_base_channels": 16, "seg_depth": 4,
-        "epochs": 4, "batch_size": 8, "lr_denoiser": 1e-3, "lr_segmenter": 2e-3, "seg_cosine_tmax": 0,
-        # 64 px images: finer lattices than 8 x 8 cells give speckles of a pixel or two.
-        "perlin_scale_exp": (0, 4),
+        "epochs": 40, "batch_size": 16, "lr_denoiser": 2e-3, "lr_segmenter": 3e-3, "seg_cosine_tmax": 0,
+        # 32 px images: lattices finer than 4 x 4 cells give speckles of a pixel or two.
+        "perlin_scale_exp": (0, 3),
     },
 }
 

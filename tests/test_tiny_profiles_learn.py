@@ -1,0 +1,25 @@
+"""Every method's ``tiny`` profile learns on the embedded synthetic set (the README's main job).
+
+The tiny profiles start from random weights, so these numbers show that the code learns, not
+how good a method is. Each floor sits a few points under what the committed leaderboard
+(``results/synthetic``) shows, and well above chance (0.5). In CI the records of the main job
+are checked (see :mod:`synthetic_runs`); elsewhere each method is trained here (``slow``).
+"""
+
+from __future__ import annotations
+
+import pytest
+from synthetic_runs import synthetic_record
+
+#: method -> lowest acceptable mean image AUROC of its tiny profile (multi-class, seed 0).
+FLOORS = {"patchcore": 0.75, "lafite": 0.65, "diffusionad": 0.62, "diad": 0.58}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(FLOORS))
+def test_tiny_profile_learns_on_the_synthetic_set(method):
+    record = synthetic_record(method)
+    assert record["status"] == "ok", record.get("error")
+    assert record["mean"]["image_auroc"] >= FLOORS[method], record["mean"]
+    assert record["mean"]["pixel_auroc"] > 0.6, record["mean"]
+    assert record["efficiency"]["fps"] > 0 and record["efficiency"]["params"] > 0
