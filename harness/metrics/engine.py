@@ -361,7 +361,8 @@ class MetricAccumulator:
             if batch_labels.size != n:
                 raise ValueError(f"{batch_labels.size} labels for {n} anomaly maps{self._in_category()}")
 
-        if stacked and self._fits_store(maps):
+        if stacked:
+            self._widen_for(maps)
             # One boolean gather for the whole batch: one stored chunk, no per-image copies.
             self._add_negatives(maps.astype(self._dtype, copy=False)[~mask_bool])
             for i in np.flatnonzero(has_defect):
@@ -376,15 +377,12 @@ class MetricAccumulator:
         self._labels.append(batch_labels)
         self._n_images += n
 
-    def _fits_store(self, maps: np.ndarray) -> bool:
-        """Whether the whole stack converts to the stored precision exactly (widening if needed)."""
+    def _widen_for(self, maps: np.ndarray) -> None:
+        """Widen the store to float64 when the stack does not convert to float32 exactly."""
         if maps.dtype in _FLOAT32_EXACT or self._dtype == np.float64:
-            return True
-        narrow = maps.astype(np.float32)
-        if np.array_equal(narrow, maps):
-            return True
-        self._widen()
-        return True
+            return
+        if not np.array_equal(maps.astype(np.float32), maps):
+            self._widen()
 
     def _stored(self, amap: np.ndarray, where: str) -> np.ndarray:
         """One map in the stored precision."""

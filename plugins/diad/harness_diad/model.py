@@ -52,6 +52,16 @@ NORMALIZATIONS = ("imagenet", "symmetric")
 VGG16_FILES = ("vgg16-397923af.pth", "vgg16.pth")
 
 
+def _accumulated_step(loss: torch.Tensor, opt: torch.optim.Optimizer, step: int, accumulate: int) -> int:
+    """Back-propagate one batch and step ``opt`` every ``accumulate`` batches; the new batch count."""
+    (loss / accumulate).backward()
+    step += 1
+    if step % accumulate == 0:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 class DiAD(Method):
     """DiAD (He et al., AAAI 2024): SD v1.5 with a Semantic-Guided network for multi-class AD.
 
@@ -210,11 +220,7 @@ class DiAD(Method):
                 if perceptual is not None:
                     rec = rec + w_p * perceptual(x, x_hat)
                 loss = rec.sum() / x.shape[0] + w_kl * posterior.kl().mean()
-                (loss / accumulate).backward()
-                step += 1
-                if step % accumulate == 0:
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+                step = _accumulated_step(loss, opt, step, accumulate)
                 last = loss.item()
         opt.zero_grad(set_to_none=True)
         self.vae.eval().requires_grad_(False)
@@ -251,11 +257,7 @@ class DiAD(Method):
                 t = torch.randint(0, int(s["T"]), (z.shape[0],), device=self.device)
                 z_t = self.train_scheduler.add_noise(z, noise, t)
                 loss = F.mse_loss(self.predict_noise(z_t, t, self.to_pixels(images)), noise)
-                (loss / accumulate).backward()
-                step += 1
-                if step % accumulate == 0:
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+                step = _accumulated_step(loss, opt, step, accumulate)
                 last = loss.item()
         opt.zero_grad(set_to_none=True)
         self.unet.requires_grad_(False)
