@@ -110,6 +110,17 @@ def test_defect_changes_only_the_masked_region(category):
         assert diff[mask].mean() > 0.008, plan[test_index]
 
 
+@pytest.mark.parametrize("category", generator.CATEGORIES)
+def test_every_surface_and_pattern_defect_is_visible(category):
+    # Every one of them, not a sample: a defect fainter than the sensor noise is a wrong label.
+    plan = generator.test_plan()
+    for test_index, (defect, _) in enumerate(plan):
+        if defect == "good" or (category in generator.OBJECTS and defect.endswith("_part")):
+            continue
+        scene, after, mask, _ = _clean_and_defective(category, test_index)
+        assert generator.visible_change(scene, after, mask) >= generator.MIN_VISIBLE_CHANGE, plan[test_index]
+
+
 @pytest.mark.parametrize("category", generator.OBJECTS)
 def test_object_defects_lie_on_the_object(category):
     plan = generator.test_plan()

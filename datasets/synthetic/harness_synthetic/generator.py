@@ -541,11 +541,30 @@ _SURFACE_DEFECTS = {"scratch": _scratch, "hole": _hole, "stain": _stain}
 _PATTERN_DEFECTS = {"missing_part": _missing_pattern, "misplaced_part": _misplaced_pattern}
 
 
+#: Least mean change (max over RGB, scene in [0, 1]) inside a surface or pattern defect's mask:
+#: about 13 grey levels, four times the sensor noise. Faint stains and rotated patches of a
+#: plain tile can otherwise change the scene by less than the noise, labelling invisible defects.
+MIN_VISIBLE_CHANGE = 0.05
+
+
+def visible_change(before: np.ndarray, after: np.ndarray, mask: np.ndarray) -> float:
+    """Mean over ``mask`` of the largest per-channel change between two scenes."""
+    return float(np.abs(after - before).max(axis=2)[mask].mean()) if mask.any() else 0.0
+
+
 def _apply_defect(kind: str, category: str, params: dict, img: np.ndarray, fg: np.ndarray,
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Apply defect ``kind`` to a clean scene and return the new scene and the defect mask."""
-    if kind in _SURFACE_DEFECTS:
-        return _SURFACE_DEFECTS[kind](img, fg, rng)
-    if category in TEXTURES:
-        return _PATTERN_DEFECTS[kind](img, fg, rng)
-    return _object_part_defect(kind, category, params, img, rng)
+    """Apply defect ``kind`` to a clean scene and return the new scene and the defect mask.
+
+    Surface and texture-pattern defects are redrawn (from the same random stream, so the result
+    stays deterministic) until they change the scene by :data:`MIN_VISIBLE_CHANGE` on average
+    inside their mask; object-part defects are re-rendered objects with their own check.
+    """
+    if kind not in _SURFACE_DEFECTS and category not in TEXTURES:
+        return _object_part_defect(kind, category, params, img, rng)
+    make = _SURFACE_DEFECTS.get(kind) or _PATTERN_DEFECTS[kind]
+    for _ in range(32):
+        after, mask = make(img, fg, rng)
+        if visible_change(img, after, mask) >= MIN_VISIBLE_CHANGE:
+            return after, mask
+    raise RuntimeError(f"could not make a visible {kind} defect for {category}")  # pragma: no cover
