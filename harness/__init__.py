@@ -1,21 +1,27 @@
 """A benchmarking harness for visual anomaly detection.
 
-The public API that plugins use is re-exported here; a plugin imports from ``harness`` (and
-``harness.ops``, ``harness.coreset``, ``harness.metrics``) only.
+The public API that plugins use is re-exported here: the contract (hook marker, specs, the
+method interface, data shapes, typed settings, errors). Building blocks that several methods
+share live apart, in :mod:`harness.toolkit`, which plugins import by choice; metrics in
+:mod:`harness.metrics`; the conformance checks a third party runs in its own tests in
+:mod:`harness.testing`.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from harness.data import CategoryData, DatasetIndex, Sample, TrainSet, read_image, read_mask  # noqa: E402
 from harness.errors import DatasetError, HarnessError, MethodOutputError, WeightsNotFoundError  # noqa: E402
 from harness.hookspecs import hookimpl  # noqa: E402
 from harness.method import FitContext, Method, Prediction  # noqa: E402
-from harness.specs import DatasetSpec, MethodSpec, MetricSpec, PaperRef  # noqa: E402
+from harness.settings import Setting, Settings, SettingsSchema  # noqa: E402
+from harness.specs import (DatasetSpec, ExecutorSpec, MethodSpec, MetricSpec, PaperRef, Resources,  # noqa: E402
+                           WeightFile)
 
 __all__ = [
     "__version__", "hookimpl", "Method", "Prediction", "FitContext", "MethodSpec", "DatasetSpec", "MetricSpec",
-    "PaperRef", "Sample", "CategoryData", "DatasetIndex", "TrainSet", "read_image", "read_mask", "DatasetError",
-    "HarnessError", "MethodOutputError", "WeightsNotFoundError",
+    "ExecutorSpec", "PaperRef", "Resources", "WeightFile", "Setting", "Settings", "SettingsSchema", "Sample",
+    "CategoryData", "DatasetIndex", "TrainSet", "read_image", "read_mask", "DatasetError", "HarnessError",
+    "MethodOutputError", "WeightsNotFoundError",
 ]

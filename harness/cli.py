@@ -1,7 +1,8 @@
 """The ``harness`` command line.
 
-Exit status: 0 success; 1 some job failed (a summary says which); 2 bad usage, a broken dataset
-or another error the message explains; 130 interrupted (finished records are kept).
+Exit status: 0 success; 1 some job failed (a summary says which); 2 bad usage, a broken dataset,
+a failed preflight or another error the message explains; 130 interrupted by Ctrl-C, 143 by
+SIGTERM (finished records are kept, the fit in progress is checkpointed).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from harness.errors import HarnessError, UsageError
 
@@ -29,22 +30,57 @@ def _ints(value: str, option: str) -> list[int]:
         raise UsageError(f"{option} takes comma-separated integers, e.g. {option} 0,1,2; got {value!r}") from None
 
 
-def _parse_value(text: str) -> Any:
-    """A --set value: JSON when it parses (numbers, booleans, lists), else the string."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
+def _parse_sets(items: Sequence[str]) -> dict[str, str]:
+    """``--set KEY=VALUE`` items as ``{KEY: text}``; parsed later by each method's declared types."""
     out = {}
     for item in items:
         if "=" not in item:
-            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set epochs=5")
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set epochs=5 (or METHOD.KEY=VALUE)")
         key, value = item.split("=", 1)
-        out[key.strip()] = _parse_value(value.strip())
+        out[key.strip()] = value.strip()
     return out
+
+
+def _method_overrides(registry: Any, methods: Sequence[str], texts: Mapping[str, str], precision: str | None,
+                      explicit: bool) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Typed overrides per method from ``--set`` (``KEY`` or ``METHOD.KEY``) and ``--precision``.
+
+    A ``KEY`` applies to every method that declares it and must be declared by at least one; with
+    methods named explicitly, by each of them. Returns the overrides and notes to print.
+    """
+    notes: list[str] = []
+    per_method: dict[str, dict[str, str]] = {m: {} for m in methods}
+    for key, text in texts.items():
+        target, _, name = key.rpartition(".")
+        if target:
+            if target not in per_method:
+                raise UsageError(f"--set {key}={text}: {target!r} is not one of the methods of this run "
+                                 f"({', '.join(methods)})")
+            per_method[target][name] = text
+            continue
+        having = [m for m in methods if key in registry.method(m).schema]
+        if not having or (explicit and len(having) < len(methods)):
+            lacking = [m for m in methods if m not in having]
+            schema = registry.method(lacking[0]).schema
+            raise UsageError(f"--set {key}: not a setting of {', '.join(lacking)}; settings of {lacking[0]}: "
+                             f"{', '.join(schema.names)} (use METHOD.KEY=VALUE for one method)")
+        for m in having:
+            per_method[m][key] = text
+        if len(having) < len(methods):
+            notes.append(f"note: --set {key} applies to {', '.join(having)} only (the others have no such setting)")
+    if precision:
+        for m in methods:
+            if "precision" in registry.method(m).schema:
+                per_method[m].setdefault("precision", precision)
+            else:
+                notes.append(f"note: {m} declares no precision setting; it runs as it is (fp32)")
+    typed = {}
+    for m, values in per_method.items():
+        try:
+            typed[m] = registry.method(m).schema.parse_overrides(values)
+        except UsageError as exc:
+            raise UsageError(f"method {m!r}: {exc}") from None
+    return typed, notes
 
 
 def _data_roots(items: Sequence[str], datasets: Sequence[str]) -> dict[str, Path]:
@@ -71,10 +107,13 @@ def default_reported_dir() -> Path | None:
 
 # -- commands -------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    """``harness run``: expand jobs, run them, print the failures and the leaderboard."""
+    """``harness run``: plan every job, check it, run it, print the failures and the leaderboard."""
     from harness.jobs import expand_jobs
+    from harness.options import RunOptions
+    from harness.planning import Planner, resolve_profile
+    from harness.preflight import PreflightError, run_preflight
     from harness.registry import load_registry
-    from harness.runner import RunOptions, Runner
+    from harness.runner import run_plan
 
     registry = load_registry()
     for problem in registry.problems:
@@ -82,10 +121,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     datasets = _split(args.datasets) or [DEFAULT_DATASET]
     for name in datasets:
         registry.dataset(name)
-    if args.methods.strip() == "all":
+    explicit = args.methods.strip() != "all"
+    if not explicit:
         methods = [n for n, p in registry.methods.items() if args.protocol in p.spec.protocols]
-        skipped = [n for n, p in registry.methods.items() if args.protocol not in p.spec.protocols]
-        for name in skipped:
+        for name in (n for n, p in registry.methods.items() if args.protocol not in p.spec.protocols):
             print(f"note: {name} does not support the {args.protocol} protocol; skipped", file=sys.stderr)
     else:
         methods = _split(args.methods)
@@ -99,42 +138,66 @@ def cmd_run(args: argparse.Namespace) -> int:
     shots = _ints(args.shots, "--shots") if args.protocol == "fewshot" else None
     if args.protocol == "fewshot" and not shots:
         raise UsageError("--protocol fewshot needs --shots, e.g. --shots 1,2,4")
+    if shots and any(k < 0 for k in shots):
+        raise UsageError(f"--shots {args.shots}: shots cannot be negative")
     seeds = _ints(args.seeds, "--seeds")
-    profiles = {d: _profile_for(args.profile, registry.dataset(d)) for d in datasets}
-    overrides = _parse_sets(args.set)
-    jobs = expand_jobs(methods, datasets, args.protocol, shots, seeds, profiles, overrides)
-
-    eval_size = None if args.eval_size == "native" else int(args.eval_size)
+    if not seeds:
+        raise UsageError("--seeds needs at least one seed, e.g. --seeds 0")
+    profiles = {(m, d): resolve_profile(registry.method(m), args.profile, registry.dataset(d))
+                for m in methods for d in datasets}
+    overrides, notes = _method_overrides(registry, methods, _parse_sets(args.set), args.precision, explicit)
+    for note in notes:
+        print(note, file=sys.stderr)
+    jobs = expand_jobs(methods, datasets, args.protocol, shots, seeds, {**{d: "" for d in datasets}, **profiles},
+                       dev_run=args.fast_dev_run, weights=args.weights, method_overrides=overrides)
+    eval_size = None if args.eval_size == "native" else _positive_int(args.eval_size or "256", "--eval-size")
     options = RunOptions(
         results_dir=Path(args.results_dir), cache_dir=Path(args.cache_dir), device=args.device, eval_size=eval_size,
+        eval_size_source="option" if args.eval_size else "default",
         data_roots=_data_roots(args.data_root, datasets), force=args.force, fit_cache=not args.no_fit_cache,
         weights_dir=Path(args.weights_dir) if args.weights_dir else None, progress=False if args.no_progress else None,
+        fast_dev_run=args.fast_dev_run, weights=args.weights, checkpoint_interval=args.checkpoint_interval,
+        executor=args.executor, save_maps=args.save_maps, job_gpus=args.job_gpus, job_cpus=args.job_cpus,
+        ray_address=args.address, retries=args.retries,
     )
-    runner = Runner(registry, options)
-    print(f"running {len(jobs)} job(s) on {runner.device}; records in {options.results_dir / 'records'}", file=sys.stderr)
-    summary = runner.run(jobs)
+    options.torch_device()  # a CUDA request on a machine without CUDA is a usage error, found now
+    executor_spec = registry.executor(args.executor)
+    plan = Planner(registry, options).plan(jobs)
+    report = run_preflight(plan, check_images=not args.skip_data_check, probe_folders=not args.dry_run)
+    if args.dry_run:
+        print(plan.describe())
+        print(report.describe())
+        return 2 if report.problems else 0
+    if report.problems:
+        raise PreflightError("the preflight found problems before any fit (nothing was run):\n"
+                             + "\n".join(f"  - {p}" for p in report.problems))
+    executor = executor_spec.factory(options)
+    print(f"running {len(jobs)} job(s) on {options.torch_device()} ({args.executor}); records in "
+          f"{options.results_dir / 'records'}", file=sys.stderr)
+    summary = run_plan(registry, plan, executor)
     for problem in registry.problems:
-        if "reporter" in problem:
+        if problem.kind == "reporter":
             print(f"warning: {problem}", file=sys.stderr)
     if not args.no_leaderboard:
         from harness.leaderboard import build_leaderboard
 
         groups = {(j.dataset, j.protocol) for j in jobs}
         text = build_leaderboard(options.results_dir, reported_dir=default_reported_dir(), fmt="markdown",
-                                 per_category=args.per_category, groups=groups)
+                                 per_category=args.per_category, groups=groups, metrics=registry.metric_specs(),
+                                 warn=lambda line: print(line, file=sys.stderr))
         print(text)
     print(summary.describe(), file=sys.stderr)
-    if summary.interrupted:
-        return 130
-    return 1 if summary.failed else 0
+    return summary.exit_code
 
 
-def _profile_for(choice: str, dataset_spec: Any) -> str:
-    # The generated dataset exists to run offline on a CPU: the tiny profile fits it; real
-    # benchmarks default to the paper's settings.
-    if choice != "auto":
-        return choice
-    return "paper" if dataset_spec.needs_root else "tiny"
+def _positive_int(text: str, option: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"{option} takes a positive integer or 'native', got {text!r}") from None
+    if value < 1:
+        raise UsageError(f"{option} takes a positive integer or 'native', got {text!r}")
+    return value
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -147,17 +210,22 @@ def cmd_list(args: argparse.Namespace) -> int:
     registry = load_registry()
     rows = []
     for name, p in registry.methods.items():
+        paper = f"; paper protocol: {p.spec.paper_protocol}" if p.spec.paper_protocol else ""
         rows.append(["method", name, p.plugin.distribution, f"{p.spec.paper.title} ({p.spec.paper.venue}); "
-                     f"protocols: {', '.join(p.spec.protocols)}; profiles: {', '.join(p.spec.profiles)}"])
+                     f"protocols: {', '.join(p.spec.protocols)}{paper}; profiles: {', '.join(p.spec.profiles)}"])
     for name, p in registry.datasets.items():
         rows.append(["dataset", name, p.plugin.distribution, f"{p.spec.description} ({len(p.spec.categories)} categories)"])
     for name, p in registry.metrics.items():
-        rows.append(["metric", name, p.plugin.distribution, f"{p.spec.level}, {'higher' if p.spec.higher_is_better else 'lower'} is better"])
+        where = f"; only on {', '.join(p.spec.datasets)}" if p.spec.datasets else ""
+        rows.append(["metric", name, p.plugin.distribution,
+                     f"{p.spec.level}, {'higher' if p.spec.higher_is_better else 'lower'} is better{where}"])
     for name, text in PROTOCOL_HELP.items():
         rows.append(["protocol", name, "harness (built-in)", text])
+    for name, p in registry.executors.items():
+        rows.append(["executor", name, p.plugin.distribution, p.spec.description])
     if args.format == "json":
         print(json.dumps({"items": [dict(zip(["kind", "name", "from", "about"], r)) for r in rows],
-                          "problems": registry.problems}, indent=2))
+                          "problems": [p.as_dict() for p in registry.problems]}, indent=2))
     else:
         print(tabulate(rows, headers=["kind", "name", "from", "about"], tablefmt="simple"))
         for problem in registry.problems:
@@ -165,25 +233,37 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_describe(args: argparse.Namespace) -> int:
-    """``harness describe METHOD``: paper, profiles, settings and parameter counts (meta device)."""
+def describe_method(spec: Any, profile: str) -> dict[str, Any]:
+    """Everything ``harness describe`` shows, as JSON-ready data (networks built on the meta device)."""
     import torch
 
-    from harness.registry import load_registry
-    from harness.runner import resolve_settings
+    from harness.planning import resolve_settings
+    from harness.settings import describe_settings, open_choices
 
-    spec = load_registry().method(args.method)
-    profile = args.profile or ("paper" if "paper" in spec.profiles else next(iter(spec.profiles)))
     settings = resolve_settings(spec, profile, {})
     # Building on the meta device allocates nothing: the paper-size networks describe in a second.
     with torch.device("meta"):
         method = spec.factory(settings)
     networks = method.parameter_count()
-    info = {
-        "name": spec.name, "paper": vars(spec.paper), "protocols": list(spec.protocols), "profiles": list(spec.profiles),
-        "profile": profile, "settings": settings, "settings_help": dict(spec.settings_help),
+    return {
+        "name": spec.name, "paper": vars(spec.paper), "protocols": list(spec.protocols),
+        "paper_protocol": spec.paper_protocol or None, "profiles": list(spec.profiles), "profile": profile,
+        "settings": settings.as_json(), "settings_table": describe_settings(spec.schema, settings),
+        "settings_help": {s.name: s.help for s in spec.schema}, "choices": open_choices(spec.schema, settings),
+        "typed_settings": not spec.schema.inferred, "resources": spec.resources_for(profile).as_dict(),
+        "weights": [f.as_dict() for f in spec.weight_files(settings)], "input_size": list(method.input_size),
+        "eval_batch_size": method.eval_batch_size, "interpolation": method.interpolation,
         "networks": networks, "total_parameters": sum(networks.values()), "description": spec.description,
     }
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    """``harness describe METHOD``: paper, profiles, typed settings, choices and parameter counts."""
+    from harness.registry import load_registry
+
+    spec = load_registry().method(args.method)
+    profile = args.profile or ("paper" if "paper" in spec.profiles else next(iter(spec.profiles)))
+    info = describe_method(spec, profile)
     if args.format == "json":
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -193,15 +273,103 @@ def cmd_describe(args: argparse.Namespace) -> int:
             print(f"  {key}: {getattr(spec.paper, key)}")
     if spec.description:
         print(f"\n{spec.description}\n")
-    print(f"protocols: {', '.join(spec.protocols)}; profiles: {', '.join(spec.profiles)} (showing {profile!r})")
-    print("settings:")
-    for key, value in settings.items():
-        help_text = spec.settings_help.get(key, "")
-        print(f"  {key} = {value!r}" + (f"  # {help_text}" if help_text else ""))
+    paper = f"; the paper's protocol: {spec.paper_protocol}" if spec.paper_protocol else ""
+    print(f"protocols: {', '.join(spec.protocols)}{paper}; profiles: {', '.join(spec.profiles)} (showing {profile!r})")
+    print(f"input: {info['input_size'][0]}x{info['input_size'][1]} ({info['interpolation']}), predict batch "
+          f"{info['eval_batch_size']}; resources per job: "
+          + ", ".join(f"{k}={v:g}" for k, v in info["resources"].items()))
+    print("settings (name: type = value [default]  help):")
+    for row in info["settings_table"]:
+        default = "" if row["value"] == row["default"] else f" [default {row['default']!r}]"
+        help_text = f"  # {row['help']}" if row["help"] else ""
+        print(f"  {row['name']}: {row['type']} = {row['value']!r}{default}{help_text}")
+    if info["choices"]:
+        print("choices the paper leaves open:")
+        for name, choice in info["choices"].items():
+            print(f"  {name} = {choice['value']!r}: {choice['why']}")
+    if info["weights"]:
+        print("pretrained files:")
+        for file in info["weights"]:
+            source = file["repo_id"] + (f"@{file['revision']}" if file["revision"] else "") if file["repo_id"] else file["url"]
+            print(f"  {file['key']}: {file['what']} ({source or 'local only'})")
     print("networks (parameters):")
-    for name, count in networks.items():
+    for name, count in info["networks"].items():
         print(f"  {name}: {count:,} ({count / 1e6:.1f} M)")
     print(f"  total: {info['total_parameters']:,}")
+    return 0
+
+
+def _weight_rows(args: argparse.Namespace) -> list[tuple[str, str, Any]]:
+    """(method, profile, Located) for every pinned file of the chosen methods and profile."""
+    from harness.planning import resolve_settings
+    from harness.registry import load_registry
+    from harness.weights import WeightsResolver
+
+    registry = load_registry()
+    names = _split(args.methods) if args.methods and args.methods != "all" else list(registry.methods)
+    resolver = WeightsResolver(Path(args.weights_dir) if args.weights_dir else None)
+    rows = []
+    for name in names:
+        spec = registry.method(name)
+        profile = args.profile if args.profile in spec.profiles else None
+        if profile is None:
+            if args.methods and args.methods != "all":
+                raise UsageError(f"method {name!r} has no profile {args.profile!r}; profiles: {', '.join(spec.profiles)}")
+            continue
+        settings = resolve_settings(spec, profile, {})
+        rows += [(name, profile, resolver.locate(f, settings)) for f in spec.weight_files(settings)]
+    return rows
+
+
+def cmd_weights_list(args: argparse.Namespace) -> int:
+    """``harness weights list``: each pinned file, where it was looked for, whether it is there."""
+    rows = _weight_rows(args)
+    if args.format == "json":
+        print(json.dumps([{"method": m, "profile": p, **located.file.as_dict(),
+                           "found": str(located.path) if located.path else None,
+                           "searched": [str(c) for c in located.searched]} for m, p, located in rows], indent=2))
+        return 0
+    if not rows:
+        print(f"no pinned weight files for profile {args.profile!r}")
+    for method, profile, located in rows:
+        file = located.file
+        state = f"found: {located.path}" if located.path else "MISSING"
+        print(f"{method}/{profile} {file.key}: {file.what}\n    {state}")
+        source = f"{file.repo_id}{'@' + file.revision if file.revision else ''} {file.filename}".strip() or file.url
+        print(f"    source: {source}" + (f"; sha256 {file.sha256}" if file.sha256 else ""))
+        if located.path is None:
+            for candidate in located.searched[:8]:
+                print(f"    looked in {candidate}")
+    missing = [r for r in rows if r[2].path is None]
+    if missing:
+        print(f"\n{len(missing)} file(s) missing; fetch them with: harness weights pull --methods "
+              f"{','.join(dict.fromkeys(m for m, _, _ in missing))} --profile {args.profile}")
+    return 0
+
+
+def cmd_weights_verify(args: argparse.Namespace) -> int:
+    """``harness weights verify``: sha256 of every pinned file found; exit 1 on a mismatch or a missing file."""
+    from harness.weights import verify
+
+    bad = 0
+    for method, profile, located in _weight_rows(args):
+        status, detail = verify(located)
+        bad += status in ("missing", "mismatch")
+        print(f"{status:9s} {method}/{profile} {located.file.key}: {located.path or located.file.what} ({detail})")
+    return 1 if bad else 0
+
+
+def cmd_weights_pull(args: argparse.Namespace) -> int:
+    """``harness weights pull``: fetch exactly the pinned files into the Hugging Face / torch caches."""
+    from harness.weights import pull
+
+    rows = _weight_rows(args)
+    for method, profile, located in rows:
+        if located.path is not None and not args.force:
+            print(f"present  {method}/{profile} {located.file.key}: {located.path}")
+            continue
+        path = pull(located.file)
+        print(f"pulled   {method}/{profile} {located.file.key}: {path}")
     return 0
 
 
@@ -209,14 +377,20 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     """``harness leaderboard``: tables from the records under the results folder."""
     from harness.leaderboard import build_leaderboard, write_leaderboard
 
+    from harness.registry import load_registry
+
     reported = None if args.no_reported else (Path(args.reported_dir) if args.reported_dir else default_reported_dir())
     formats = _split(args.format) or ["markdown"]
+    metrics = load_registry().metric_specs()
+    warn = lambda line: print(line, file=sys.stderr)  # noqa: E731
     if args.out:
-        for path in write_leaderboard(Path(args.results_dir), Path(args.out), formats=formats, reported_dir=reported):
+        for path in write_leaderboard(Path(args.results_dir), Path(args.out), formats=formats, reported_dir=reported,
+                                      metrics=metrics, warn=warn):
             print(path)
         return 0
     for fmt in formats:
-        print(build_leaderboard(Path(args.results_dir), reported_dir=reported, fmt=fmt, per_category=not args.summary_only))
+        print(build_leaderboard(Path(args.results_dir), reported_dir=reported, fmt=fmt, per_category=not args.summary_only,
+                                metrics=metrics, warn=warn))
     return 0
 
 
@@ -291,6 +465,7 @@ def cmd_data_summary(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``harness`` command."""
     parser = argparse.ArgumentParser(prog="harness", description="Benchmark visual anomaly detection methods.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run methods under a protocol and print the leaderboard")
@@ -300,16 +475,37 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shots", default="1,2,4", help="shots per category for fewshot, e.g. 1,2,4")
     run.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     run.add_argument("--profile", default="auto",
-                     help="method profile: paper, tiny, ... (auto: tiny on the synthetic set, paper on real data)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting of the profile")
+                     help="method profile: paper, tiny, ... (auto: the dataset's default, tiny on the synthetic set, "
+                          "paper on real data)")
+    run.add_argument("--set", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
+                     help="override one setting of the profile, parsed by its declared type (the record key changes)")
     run.add_argument("--data-root", action="append", default=[], metavar="[NAME=]PATH", help="dataset folder")
     run.add_argument("--results-dir", default="results", help="where records are written (default: results)")
     run.add_argument("--cache-dir", default=".harness-cache", help="where finished fits are cached")
     run.add_argument("--weights-dir", default=None, help="folder with pretrained weights (or $HARNESS_WEIGHTS)")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    run.add_argument("--eval-size", default="256", help="side of the pixel-metric grid, or 'native' (default 256)")
+    run.add_argument("--eval-size", default=None,
+                     help="side of the pixel-metric grid, or 'native' (default: the profile's eval_size, else 256)")
+    run.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
+                     help="numeric precision (autocast; default: each paper's, i.e. the profile's)")
+    run.add_argument("--weights", default="pretrained", choices=["pretrained", "random"],
+                     help="random: build the architecture with seeded random weights (records marked, never ranked)")
+    run.add_argument("--fast-dev-run", action="store_true",
+                     help="each job's real code on a few images, one epoch and a few steps per stage (never ranked)")
+    run.add_argument("--dry-run", action="store_true", help="print the plan and the preflight; write nothing")
+    run.add_argument("--skip-data-check", action="store_true",
+                     help="preflight without decoding every image and mask (faster on huge datasets)")
+    run.add_argument("--checkpoint-interval", type=float, default=600.0, metavar="SECONDS",
+                     help="seconds between mid-fit checkpoints (default 600; 0 = after every step)")
+    run.add_argument("--executor", default="inprocess", help="inprocess (default), ray, or a plugin's executor")
+    run.add_argument("--address", default=None, help="Ray cluster: auto, HOST:PORT or ray://... (default: start one)")
+    run.add_argument("--job-gpus", type=float, default=None, help="GPUs per job (fractions allowed)")
+    run.add_argument("--job-cpus", type=float, default=None, help="CPUs per job (fractions allowed)")
+    run.add_argument("--retries", type=int, default=2, help="retries of a job whose worker died (Ray)")
+    run.add_argument("--save-maps", default="sample", choices=["none", "sample", "all"],
+                     help="keep anomaly maps for the report and export-maps (default: a fixed sample)")
     run.add_argument("--force", action="store_true", help="redo jobs that already finished")
-    run.add_argument("--no-fit-cache", action="store_true", help="do not store finished fits")
+    run.add_argument("--no-fit-cache", action="store_true", help="do not store finished fits or checkpoints")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--no-leaderboard", action="store_true", help="do not print the leaderboard at the end")
     run.add_argument("--per-category", action="store_true", help="print per-category tables too")
@@ -349,6 +545,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-record", action="store_true", help="print the table only")
     evaluate.set_defaults(func=cmd_evaluate)
 
+    weights = sub.add_parser("weights", help="the pinned pretrained files of each method: list, verify, pull")
+    weights_sub = weights.add_subparsers(dest="weights_command", required=True)
+    for name, func, text in (("list", cmd_weights_list, "each pinned file, where it was looked for, whether it is there"),
+                             ("verify", cmd_weights_verify, "check the sha256 of every pinned file found"),
+                             ("pull", cmd_weights_pull, "fetch the pinned files into the Hugging Face / torch caches "
+                                                        "(the only command that uses the network)")):
+        cmd = weights_sub.add_parser(name, help=text)
+        cmd.add_argument("--methods", default="all", help="comma-separated method names, or 'all' (default)")
+        cmd.add_argument("--profile", default="paper", help="profile whose files are meant (default paper)")
+        cmd.add_argument("--weights-dir", default=None, help="folder with pretrained weights (or $HARNESS_WEIGHTS)")
+        if name == "list":
+            cmd.add_argument("--format", default="text", choices=["text", "json"])
+        if name == "pull":
+            cmd.add_argument("--force", action="store_true", help="fetch even the files already present")
+        cmd.set_defaults(func=func)
+
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     synth = data_sub.add_parser("synth", help="write the synthetic dataset to disk in the MVTec-AD layout")
@@ -367,6 +579,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``harness`` console script."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "debug", False):
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG)
     try:
         with warnings.catch_warnings():
             if getattr(args, "command", "") in ("run", "evaluate"):
@@ -376,11 +592,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 warnings.filterwarnings("ignore", category=UndefinedMetricWarning)
             return int(args.func(args) or 0)
     except HarnessError as exc:
+        if args.debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("interrupted; finished records are kept — rerun the same command to resume", file=sys.stderr)
-        return 130
+        return int(getattr(exc, "exit_code", 130))
 
 
 if __name__ == "__main__":  # pragma: no cover

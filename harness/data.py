@@ -17,7 +17,9 @@ Conventions
 
 from __future__ import annotations
 
+import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence, Union
@@ -166,12 +168,24 @@ def read_mask(source: ImageSource | None, shape: tuple[int, int] | None = None) 
     return array > 0
 
 
-def resize_image(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize an RGB ``uint8`` image to ``size`` = (H, W) with bicubic interpolation."""
+#: Pillow filters by the names of the ``interpolation`` setting.
+RESAMPLING = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
+              "lanczos": Image.LANCZOS}
+
+
+def resize_image(array: np.ndarray, size: tuple[int, int], interpolation: str = "bicubic") -> np.ndarray:
+    """Resize an RGB ``uint8`` image to ``size`` = (H, W) with Pillow's ``interpolation`` filter.
+
+    Pillow's bilinear and bicubic filters are antialiased when shrinking (their support grows
+    with the scale), like torchvision's ``Resize`` on PIL images, which the papers' data
+    loaders use.
+    """
     if array.shape[:2] == tuple(size):
         return array
+    if interpolation not in RESAMPLING:
+        raise ValueError(f"unknown interpolation {interpolation!r}; use one of {', '.join(RESAMPLING)}")
     img = Image.fromarray(array)
-    return np.asarray(img.resize((size[1], size[0]), Image.BICUBIC))
+    return np.asarray(img.resize((size[1], size[0]), RESAMPLING[interpolation]))
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -187,31 +201,56 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 class ImageCache:
-    """Decoded, resized images kept in memory per (sample key, size).
+    """Decoded, resized images kept in memory per (dataset, sample key, size, interpolation).
 
     Decoding a JPEG and resizing it costs more than a forward pass of a small network, and every
-    training epoch and every job on the same dataset asks for the same images again.
-    The cache is thread-safe and bounded by ``max_bytes``; when full it stops adding.
+    training epoch and every job on the same dataset asks for the same images again. The cache
+    is thread-safe and holds at most ``max_bytes`` of pixels: when full, the least recently used
+    images are dropped (and decoded again if asked for), so VisA at 512 px or native sizes cannot
+    exhaust the memory. ``max_bytes=0`` disables caching.
+
+    Parameters
+    ----------
+    max_bytes : int
+        Bound on the cached pixels (default 4 GiB, or ``$HARNESS_IMAGE_CACHE_MB``).
     """
 
-    def __init__(self, max_bytes: int = 4 << 30) -> None:
-        self._store: dict[tuple[str, str, tuple[int, int]], np.ndarray] = {}
+    def __init__(self, max_bytes: int | None = None) -> None:
+        if max_bytes is None:
+            env = os.environ.get("HARNESS_IMAGE_CACHE_MB")
+            max_bytes = int(float(env) * 2**20) if env else 4 << 30
+        self._store: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._bytes = 0
-        self._max_bytes = max_bytes
+        self.max_bytes = int(max_bytes)
+        self.hits = 0
+        self.misses = 0
         self._lock = threading.Lock()
 
-    def image(self, dataset: str, sample: Sample, size: tuple[int, int]) -> np.ndarray:
+    @property
+    def nbytes(self) -> int:
+        """Bytes of pixels held now (never above ``max_bytes``)."""
+        return self._bytes
+
+    def image(self, dataset: str, sample: Sample, size: tuple[int, int], interpolation: str = "bicubic") -> np.ndarray:
         """Return ``sample``'s image as (H, W, 3) ``uint8`` at ``size``."""
-        key = (dataset, sample.key, tuple(size))
+        key = (dataset, sample.key, tuple(size), interpolation)
         with self._lock:
             hit = self._store.get(key)
-        if hit is not None:
-            return hit
-        array = resize_image(read_image(sample.image), size)
+            if hit is not None:
+                self._store.move_to_end(key)
+                self.hits += 1
+                return hit
+            self.misses += 1
+        array = resize_image(read_image(sample.image), size, interpolation)
+        if array.nbytes > self.max_bytes:
+            return array
         with self._lock:
-            if self._bytes + array.nbytes <= self._max_bytes:
+            if key not in self._store:
                 self._store[key] = array
                 self._bytes += array.nbytes
+                while self._bytes > self.max_bytes:
+                    _, dropped = self._store.popitem(last=False)
+                    self._bytes -= dropped.nbytes
         return array
 
 
@@ -237,13 +276,15 @@ class TrainSet(torch.utils.data.Dataset):
         (H, W) the images are resized to.
     """
 
-    def __init__(self, dataset: str, samples: Sequence[Sample], size: tuple[int, int], cache: ImageCache) -> None:
+    def __init__(self, dataset: str, samples: Sequence[Sample], size: tuple[int, int], cache: ImageCache,
+                 interpolation: str = "bicubic") -> None:
         bad = [s.key for s in samples if s.split != "train" or s.label != 0]
         if bad:
             raise ValueError(f"training set contains non-training or anomalous samples: {bad[:3]}")
         self.dataset = dataset
         self.samples = list(samples)
         self.size = tuple(size)
+        self.interpolation = interpolation
         self._cache = cache
         seen: dict[str, None] = {}
         for s in self.samples:
@@ -255,8 +296,13 @@ class TrainSet(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         sample = self.samples[index]
-        array = self._cache.image(self.dataset, sample, self.size)
+        array = self._cache.image(self.dataset, sample, self.size, self.interpolation)
         return to_tensor([array])[0], sample.category
+
+    def subset(self, indices: Sequence[int]) -> "TrainSet":
+        """A training set of the samples at ``indices`` (same size, cache and interpolation)."""
+        return TrainSet(self.dataset, [self.samples[int(i)] for i in indices], self.size, self._cache,
+                        self.interpolation)
 
     def images(self) -> Iterator[tuple[torch.Tensor, str]]:
         """Iterate over all items in order."""

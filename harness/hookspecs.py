@@ -7,7 +7,21 @@ match the hooks below. It is found through the entry-point group ``harness``::
     mymethod = "harness_mymethod.plugin"
 
 First-party plugins are registered exactly this way. The core calls each plugin's
-implementation separately, so one plugin that raises does not hide the others.
+implementation separately, so one plugin that raises does not hide the others. A function whose
+name starts with ``harness_`` but matches no hook below (a misspelling such as
+``harness_method``) is reported as a problem naming the plugin, instead of being ignored.
+
+Importing a plugin's entry-point module must be cheap: heavy libraries (diffusers, timm,
+transformers) are imported when a method is built, not when its spec is declared, so that
+``harness list`` and ``harness --help`` stay fast.
+
+Hooks, in the order the core calls them:
+
+- *declaration*: :func:`harness_methods`, :func:`harness_datasets`, :func:`harness_metrics`,
+  :func:`harness_executors` (once, when the registry loads);
+- *reporting*: :func:`harness_run_started`, :func:`harness_job_started`,
+  :func:`harness_job_finished`, :func:`harness_run_finished` (as a run progresses, on the
+  driver).
 """
 
 from __future__ import annotations
@@ -18,13 +32,15 @@ import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
     from harness.jobs import Job
-    from harness.specs import DatasetSpec, MethodSpec, MetricSpec
+    from harness.specs import DatasetSpec, ExecutorSpec, MethodSpec, MetricSpec
 
 PROJECT_NAME = "harness"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
+
+# -- declaration --------------------------------------------------------------------------------
 
 @hookspec
 def harness_methods() -> Sequence["MethodSpec"]:
@@ -60,6 +76,19 @@ def harness_metrics() -> Sequence["MetricSpec"]:
         record under its name.
     """
 
+
+@hookspec
+def harness_executors() -> Sequence["ExecutorSpec"]:
+    """Return the engines this plugin can run planned jobs on (``harness run --executor NAME``).
+
+    Returns
+    -------
+    sequence of ExecutorSpec
+        The core provides ``inprocess`` (the default) and ``ray``.
+    """
+
+
+# -- reporting ----------------------------------------------------------------------------------
 
 @hookspec
 def harness_run_started(jobs: Sequence["Job"], options: Mapping[str, Any]) -> None:

@@ -42,21 +42,85 @@ from __future__ import annotations
 import html
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
 from tabulate import tabulate
 
-from harness.metrics import MAD_METRICS, METRIC_LABELS, METRIC_NAMES
-from harness.records import iter_records
+from harness.metrics.builtin import STANDARD_METRICS
+from harness.fsutil import atomic_write
+from harness.records import scan_records
 from harness.reported import load_reported, select_reported
+from harness.specs import MetricSpec
 
-ACCURACY_METRICS: tuple[str, ...] = tuple(METRIC_NAMES) + ("mad",)
 EFFICIENCY_METRICS: tuple[str, ...] = ("fps", "params", "latency_ms", "train_seconds", "predict_seconds",
                                        "flops_per_image", "peak_memory_mb", "eval_batch_size")
-IMAGE_METRICS: tuple[str, ...] = tuple(m for m in METRIC_NAMES if m.startswith("image_"))
-PIXEL_METRICS: tuple[str, ...] = tuple(m for m in METRIC_NAMES if m.startswith("pixel_"))
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The metric columns of every table, taken from the registered metric specs.
+
+    Attributes
+    ----------
+    specs : tuple of MetricSpec
+        In registration order (the built-in seven first); ``harness_metrics`` of a third party
+        adds columns like the built-in ones.
+    """
+
+    specs: tuple[MetricSpec, ...] = tuple(STANDARD_METRICS)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Per-category metric names, image and pixel levels first, in registration order."""
+        return tuple(m.name for m in self._ordered)
+
+    @property
+    def _ordered(self) -> tuple[MetricSpec, ...]:
+        order = {"image": 0, "pixel": 1}
+        return tuple(sorted(self.specs, key=lambda m: order.get(m.level, 2)))
+
+    @property
+    def mad_metrics(self) -> tuple[str, ...]:
+        """The metrics averaged into mAD."""
+        return tuple(m.name for m in self.specs if m.in_mad)
+
+    @property
+    def accuracy(self) -> tuple[str, ...]:
+        """Every per-category metric plus ``mad`` (when some metric is in mAD)."""
+        return self.names + (("mad",) if self.mad_metrics else ())
+
+    def level(self, level: str) -> tuple[str, ...]:
+        """The metrics of one level."""
+        return tuple(m.name for m in self._ordered if m.level == level)
+
+    def label(self, name: str) -> str:
+        """Column title."""
+        if name == "mad":
+            return "mAD"
+        spec = self._by_name.get(name)
+        return spec.title if spec is not None else name
+
+    def scale(self, name: str) -> float:
+        """Display factor (records hold fractions; tables show percent)."""
+        spec = self._by_name.get(name)
+        return 100.0 if spec is None else float(spec.scale)
+
+    def higher_is_better(self, name: str) -> bool:
+        """Direction of the metric (``mad`` and unknown names: higher)."""
+        spec = self._by_name.get(name)
+        return True if spec is None else bool(spec.higher_is_better)
+
+    @property
+    def _by_name(self) -> dict[str, MetricSpec]:
+        return {m.name: m for m in self.specs}
+
+
+STANDARD_COLUMNS = Columns()
+#: The standard accuracy columns (kept for callers of the first API).
+ACCURACY_METRICS: tuple[str, ...] = STANDARD_COLUMNS.accuracy
 JOB_KEYS: tuple[str, ...] = ("dataset", "protocol", "shots", "method", "profile", "overrides", "seed")
 VARIANT_KEYS: tuple[str, ...] = ("method", "profile", "overrides")
 TIDY_COLUMNS: tuple[str, ...] = ("dataset", "protocol", "shots", "method", "profile", "overrides", "category",
@@ -99,6 +163,7 @@ def _record_row(path: Path, record: dict[str, Any]) -> dict[str, Any]:
         "overrides": _overrides_text(job.get("overrides")),
         "seed": job.get("seed"),
         "status": record.get("status"),
+        "result": not (record.get("run") or {}).get("dev_run") and (record.get("run") or {}).get("weights") != "random",
         "error_phase": error.get("phase"),
         "error_type": error.get("type"),
         "error_message": error.get("message"),
@@ -132,23 +197,32 @@ def _to_float(value: Any) -> float:
         return math.nan
 
 
-def _read(results_dir: Path | str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _read(results_dir: Path | str, columns: Columns = STANDARD_COLUMNS,
+          warn: Callable[[str], None] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The :func:`collect` frame and the long values of every record, sharing a ``record`` index.
 
     The long values are built from the records themselves, not by melting the wide frame, so a
     record only contributes the categories it has (a VisA record gets no NaN MVTec rows).
+    Damaged record files are left out and reported through ``warn`` (one line each, naming the
+    file); records of dev runs and random weights are kept in the frame (``result`` False) but
+    never aggregated.
     """
     rows, values = [], []
-    for index, (path, record) in enumerate(iter_records(Path(results_dir))):
+    scan = scan_records(Path(results_dir))
+    if warn is not None:
+        for line in scan.warnings():
+            warn(line)
+    for index, (path, typed) in enumerate(scan.records):
+        record = typed.to_dict()
         rows.append(_record_row(path, record))
         for category, metric, value in _record_values(record):
             number = _to_float(value)
-            # Records hold fractions; the papers and every table use percent.
-            if category is not None and metric in ACCURACY_METRICS:
-                number *= 100.0
+            # Records hold fractions; the papers and every table use percent (or the metric's scale).
+            if category is not None and metric in columns.accuracy:
+                number *= columns.scale(metric)
             values.append({"record": index, "category": "mean" if category is None else category,
                            "metric": metric, "value": number})
-    base = ["path", *JOB_KEYS, "status", "error_phase", "error_type", "error_message", "finished"]
+    base = ["path", *JOB_KEYS, "status", "result", "error_phase", "error_type", "error_message", "finished"]
     frame = pd.DataFrame(rows, columns=None if rows else base)
     if rows:
         value_columns = [c for c in frame.columns if c not in base]
@@ -200,7 +274,7 @@ def _long_ok(frame: pd.DataFrame, values: pd.DataFrame) -> pd.DataFrame:
     columns = [*JOB_KEYS, "category", "metric", "value"]
     if frame.empty:
         return pd.DataFrame(columns=columns)
-    ok = _deduplicate(frame[frame["status"] == "ok"])
+    ok = _deduplicate(frame[(frame["status"] == "ok") & frame["result"].astype(bool)])
     keys = ok[list(JOB_KEYS)].rename_axis("record").reset_index()
     # An inner merge keeps the long rows' order (records in path order, values in record order).
     return values.merge(keys, on="record", how="inner", sort=False)[columns]
@@ -234,13 +308,14 @@ def aggregate(long: pd.DataFrame) -> pd.DataFrame:
 
 # -- the tidy CSV -------------------------------------------------------------------------------
 
-def _metric_rank(metric: str) -> tuple[int, str]:
+def _metric_rank(metric: str, columns: Columns = STANDARD_COLUMNS) -> tuple[int, str]:
     """Sort key: accuracy metrics in table order, then efficiency, then anything else by name."""
-    order = ACCURACY_METRICS + EFFICIENCY_METRICS
+    order = columns.accuracy + EFFICIENCY_METRICS
     return (order.index(metric), "") if metric in order else (len(order), metric)
 
 
-def tidy_table(results_dir: Path | str, groups: set[tuple[str, str]] | None = None) -> pd.DataFrame:
+def tidy_table(results_dir: Path | str, groups: set[tuple[str, str]] | None = None,
+               metrics: Sequence[MetricSpec] | None = None, warn: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Our aggregated results as one tidy, stably sorted table (what ``leaderboard.csv`` holds).
 
     Parameters
@@ -249,6 +324,10 @@ def tidy_table(results_dir: Path | str, groups: set[tuple[str, str]] | None = No
         The results folder.
     groups : set of (dataset, protocol), optional
         Restrict to these; ``None`` keeps all.
+    metrics : sequence of MetricSpec, optional
+        The registered metrics (scaling and order); default the standard seven.
+    warn : callable, optional
+        Receives one line per damaged record file.
 
     Returns
     -------
@@ -259,14 +338,15 @@ def tidy_table(results_dir: Path | str, groups: set[tuple[str, str]] | None = No
         profile, overrides, category (``mean`` first, then by name) and metric (table order),
         so that two versions of the file diff line by line.
     """
-    frame, values = _read(results_dir)
+    columns = Columns(tuple(metrics)) if metrics else STANDARD_COLUMNS
+    frame, values = _read(results_dir, columns, warn)
     table = aggregate(_long_ok(_filter_groups(frame, groups), values))
     if table.empty:
         return table
     table = table.assign(
         _shots=table["shots"].astype("Float64").fillna(-1.0),
         _cat=[(0, "") if c == "mean" else (1, str(c)) for c in table["category"]],
-        _metric=[_metric_rank(m) for m in table["metric"]],
+        _metric=[_metric_rank(m, columns) for m in table["metric"]],
     )
     table = table.sort_values(["dataset", "protocol", "_shots", "method", "profile", "overrides", "_cat", "_metric"],
                               kind="stable").reset_index(drop=True)
@@ -275,9 +355,10 @@ def tidy_table(results_dir: Path | str, groups: set[tuple[str, str]] | None = No
     return table[list(TIDY_COLUMNS)]
 
 
-def _tidy_csv(results_dir: Path | str, groups: set[tuple[str, str]] | None) -> str:
+def _tidy_csv(results_dir: Path | str, groups: set[tuple[str, str]] | None, metrics: Sequence[MetricSpec] | None,
+              warn: Callable[[str], None] | None) -> str:
     """:func:`tidy_table` as CSV text (empty cells for NaN and for no shots)."""
-    return tidy_table(results_dir, groups).to_csv(index=False, lineterminator="\n")
+    return tidy_table(results_dir, groups, metrics, warn).to_csv(index=False, lineterminator="\n")
 
 
 # -- output styles ------------------------------------------------------------------------------
@@ -359,13 +440,13 @@ def _mean_std(mean: Any, std: Any, n_seeds: int, style: _Style) -> str:
     return text
 
 
-def _best_mask(values: Sequence[Any]) -> list[bool]:
-    """Which entries equal the displayed maximum; all False when fewer than two are defined."""
+def _best_mask(values: Sequence[Any], higher_is_better: bool = True) -> list[bool]:
+    """Which entries equal the displayed best; all False when fewer than two are defined."""
     shown = [None if v is None or pd.isna(v) else round(float(v), 1) for v in values]
     defined = [v for v in shown if v is not None]
     if len(defined) < 2:
         return [False] * len(shown)
-    top = max(defined)
+    top = max(defined) if higher_is_better else min(defined)
     return [v is not None and v == top for v in shown]
 
 
@@ -453,9 +534,9 @@ def _reported_entries(reported: pd.DataFrame) -> list[tuple[str, dict[tuple[str,
     return [(f"{method} (reported, {paper} {', '.join(tables)})", values) for method, paper, tables, values in entries]
 
 
-def _reported_mad(values: dict[tuple[str, str], float]) -> float | None:
-    """mAD from the seven printed means, when all seven are printed."""
-    means = [values.get(("mean", m)) for m in MAD_METRICS]
+def _reported_mad(values: dict[tuple[str, str], float], columns: Columns = STANDARD_COLUMNS) -> float | None:
+    """mAD from the printed means of the mAD metrics, when all of them are printed."""
+    means = [values.get(("mean", m)) for m in columns.mad_metrics]
     return None if any(v is None for v in means) else sum(means) / len(means)
 
 
@@ -466,10 +547,10 @@ _SUMMARY_NOTE = ("Mean over seeds in percent (± sample std when n seeds > 1); b
 
 
 def _summary_table(agg: pd.DataFrame, reported: list[tuple[str, dict[tuple[str, str], float]]],
-                   style: _Style) -> str:
+                   style: _Style, cols: Columns = STANDARD_COLUMNS) -> str:
     """The group's summary: our variants, then the reported rows."""
-    columns = list(ACCURACY_METRICS) + ["fps"]
-    header = ["Method", *[METRIC_LABELS.get(m, m) for m in METRIC_NAMES], "mAD", "FPS", "Params (M)", "n seeds"]
+    columns = list(cols.accuracy) + ["fps"]
+    header = ["Method", *[cols.label(m) for m in cols.accuracy], "FPS", "Params (M)", "n seeds"]
     summary = agg[agg["category"] == "mean"]
     variants = _variants(agg)
     means: dict[str, list[Any]] = {c: [] for c in columns}
@@ -487,12 +568,14 @@ def _summary_table(agg: pd.DataFrame, reported: list[tuple[str, dict[tuple[str, 
         row += [_number(params / 1e6 if not pd.isna(params) else params, style), str(n_seeds)]
         rows.append(row)
     for index, column in enumerate(columns, start=1):
-        for row, best in zip(rows, _best_mask(means[column])):
+        for row, best in zip(rows, _best_mask(means[column], cols.higher_is_better(column))):
             if best:
                 row[index] = style.bold(row[index])
     for label, values in reported:
-        row = [style.text(label)] + [_number(values.get(("mean", m)), style) for m in METRIC_NAMES]
-        row += [_number(_reported_mad(values), style), style.dash, style.dash, style.dash]
+        row = [style.text(label)] + [_number(values.get(("mean", m)), style) for m in cols.names]
+        if cols.mad_metrics:
+            row.append(_number(_reported_mad(values, cols), style))
+        row += [style.dash, style.dash, style.dash]
         rows.append(row)
     return style.table(header, rows)
 
@@ -513,7 +596,7 @@ def _cell(values: Sequence[Any], style: _Style) -> str:
 
 
 def _category_table(agg: pd.DataFrame, reported: list[tuple[str, dict[tuple[str, str], float]]],
-                    metrics: Sequence[str], style: _Style) -> str | None:
+                    metrics: Sequence[str], style: _Style, higher_is_better: bool = True) -> str | None:
     """One per-category table for ``metrics``; None when nobody has any of them."""
     variants = _variants(agg)
     lookup = {(str(m), str(p), str(o), str(c), str(k)): v for m, p, o, c, k, v in
@@ -526,7 +609,7 @@ def _category_table(agg: pd.DataFrame, reported: list[tuple[str, dict[tuple[str,
     for category in _category_order(agg, shown_reported):
         ours = [[lookup.get((*v, category, m), math.nan) for m in metrics] for v in variants]
         row = [style.text(category)] + [_cell(values, style) for values in ours]
-        for index, best in enumerate(_best_mask([values[0] for values in ours]), start=1):
+        for index, best in enumerate(_best_mask([values[0] for values in ours], higher_is_better), start=1):
             if best:
                 row[index] = style.bold(row[index])
         row += [_cell([values.get((category, m)) for m in metrics], style) for _, values in shown_reported]
@@ -549,7 +632,7 @@ def _failures_table(failed: pd.DataFrame, style: _Style) -> str:
 
 
 def _group_section(frame: pd.DataFrame, agg: pd.DataFrame, reported: pd.DataFrame, key: tuple[str, str, int | None],
-                   style: _Style, per_category: bool) -> str:
+                   style: _Style, per_category: bool, cols: Columns = STANDARD_COLUMNS) -> str:
     """Heading, summary, per-category tables and failures of one group."""
     group_agg = _in_group(agg, *key) if not agg.empty else agg
     entries = _reported_entries(select_reported(reported, *key)) if not reported.empty else []
@@ -558,16 +641,20 @@ def _group_section(frame: pd.DataFrame, agg: pd.DataFrame, reported: pd.DataFram
         # Only failed runs and nothing reported: an empty table would say less than a sentence.
         parts.append(style.note("No successful runs."))
     else:
-        parts += [style.note(_SUMMARY_NOTE), _summary_table(group_agg, entries, style)]
+        parts += [style.note(_SUMMARY_NOTE), _summary_table(group_agg, entries, style, cols)]
     if per_category and not (group_agg.empty and not entries):
-        for title, metrics in (("image", IMAGE_METRICS), ("pixel", PIXEL_METRICS)):
-            table = _category_table(group_agg, entries, metrics, style)
+        levels = [("image", cols.level("image")), ("pixel", cols.level("pixel"))]
+        levels += [(level, cols.level(level)) for level in sorted({m.level for m in cols.specs} - {"image", "pixel"})]
+        for title, metrics in levels:
+            if not metrics:
+                continue
+            table = _category_table(group_agg, entries, metrics, style, cols.higher_is_better(metrics[0]))
             if table is not None:
-                labels = "/".join(METRIC_LABELS.get(m, m) for m in metrics)
-                parts += [style.heading(f"Per category, {title}: {labels} (best {METRIC_LABELS.get(metrics[0])} "
+                labels = "/".join(cols.label(m) for m in metrics)
+                parts += [style.heading(f"Per category, {title}: {labels} (best {cols.label(metrics[0])} "
                                         "of our rows in bold)", 3), table]
     group_frame = _in_group(frame, *key)
-    failed = group_frame[group_frame["status"] != "ok"]
+    failed = group_frame[(group_frame["status"] != "ok") & group_frame["result"].astype(bool)]
     if not failed.empty:
         parts += [style.heading("Failures", 3), _failures_table(failed, style)]
     return "\n\n".join(parts)
@@ -582,7 +669,8 @@ def _normalise_format(fmt: str) -> str:
 
 
 def build_leaderboard(results_dir: Path | str, reported_dir: Path | str | None = None, fmt: str = "markdown",
-                      per_category: bool = True, groups: set[tuple[str, str]] | None = None) -> str:
+                      per_category: bool = True, groups: set[tuple[str, str]] | None = None,
+                      metrics: Sequence[MetricSpec] | None = None, warn: Callable[[str], None] | None = None) -> str:
     """The leaderboard as text, one section per (dataset, protocol, shots) group.
 
     Parameters
@@ -597,6 +685,11 @@ def build_leaderboard(results_dir: Path | str, reported_dir: Path | str | None =
         Add the per-category image and pixel tables to each group.
     groups : set of (dataset, protocol), optional
         Only these groups; ``None`` shows all.
+    metrics : sequence of MetricSpec, optional
+        The registered metrics: columns, labels, direction, scaling and mAD membership come from
+        them (default: the standard seven).
+    warn : callable, optional
+        Receives one line per damaged record file (the tables are still built).
 
     Returns
     -------
@@ -606,15 +699,22 @@ def build_leaderboard(results_dir: Path | str, reported_dir: Path | str | None =
     """
     fmt = _normalise_format(fmt)
     if fmt == "csv":
-        return _tidy_csv(results_dir, groups)
+        return _tidy_csv(results_dir, groups, metrics, warn)
+    cols = Columns(tuple(metrics)) if metrics else STANDARD_COLUMNS
     style = _Style(fmt)
-    frame, values = _read(results_dir)
+    frame, values = _read(results_dir, cols, warn)
     frame = _filter_groups(frame, groups)
+    hidden = int((~frame["result"].astype(bool)).sum()) if not frame.empty else 0
+    frame = frame[frame["result"].astype(bool)] if not frame.empty else frame
     if frame.empty:
-        return style.note(f"No records under {Path(results_dir) / 'records'}.") + "\n"
+        extra = f" ({hidden} dev-run or random-weight record(s) are never shown)" if hidden else ""
+        return style.note(f"No records under {Path(results_dir) / 'records'}{extra}.") + "\n"
     agg = aggregate(_long_ok(frame, values))
     reported = load_reported(reported_dir)
-    sections = [_group_section(frame, agg, reported, key, style, per_category) for key in _group_keys(frame)]
+    sections = [_group_section(frame, agg, reported, key, style, per_category, cols) for key in _group_keys(frame)]
+    if hidden:
+        sections.append(style.note(f"{hidden} dev-run or random-weight record(s) are not shown: they test the code, "
+                                   "they are not results."))
     return "\n\n".join(sections) + "\n"
 
 
@@ -626,7 +726,8 @@ def _html_document(body: str) -> str:
 
 
 def write_leaderboard(results_dir: Path | str, out: Path | str, formats: Iterable[str] = ("markdown",),
-                      reported_dir: Path | str | None = None) -> list[Path]:
+                      reported_dir: Path | str | None = None, metrics: Sequence[MetricSpec] | None = None,
+                      warn: Callable[[str], None] | None = None) -> list[Path]:
     """Write the leaderboard files into the folder ``out``.
 
     Parameters
@@ -651,11 +752,11 @@ def write_leaderboard(results_dir: Path | str, out: Path | str, formats: Iterabl
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for fmt in dict.fromkeys(_normalise_format(f) for f in formats):
-        text = build_leaderboard(results_dir, reported_dir=reported_dir, fmt=fmt)
+        text = build_leaderboard(results_dir, reported_dir=reported_dir, fmt=fmt, metrics=metrics, warn=warn)
         if fmt == "html":
             text = _html_document(text)
         path = out / FORMAT_FILES[fmt]
-        path.write_text(text, encoding="utf-8")
+        atomic_write(path, text)
         written.append(path)
     return written
 

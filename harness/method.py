@@ -5,9 +5,12 @@ A method plugin's factory returns a :class:`Method`. The runner calls, in order:
     method = spec.factory(settings)          # architecture only, no weights, no data
     method.to(device)
     method.fit(train_set, context)           # normal training images only
-    prediction = method.predict(images, categories)   # batches of test images
+    method.eval()
+    prediction = method.predict(images, categories)   # batches of test images, no gradients
 
-and stores ``method.state_dict()`` after ``fit`` so that a finished fit is reused.
+and stores ``method.state_dict()`` after ``fit`` so that a finished fit is reused: for a fresh
+instance, ``load_state_dict(state_dict())`` must reproduce the predictions exactly
+(:func:`harness.testing.check_method` checks it).
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from harness.settings import Settings
+
 if TYPE_CHECKING:  # pragma: no cover
     from harness.data import TrainSet
     from harness.progress import Progress
-    from harness.pseudo_validation import PseudoValidationSet
+    from harness.checkpoint import TrainingCheckpoint
+    from harness.toolkit.pseudo_validation import PseudoValidationSet
     from harness.weights import WeightsResolver
 
 
@@ -56,20 +62,38 @@ class FitContext:
         The job's seed; the runner has already seeded Python, NumPy and torch with it.
     profile : str
         Name of the profile in use (``paper``, ``tiny``, ...).
-    settings : mapping
-        The resolved settings (profile plus user overrides).
+    settings : Settings
+        The resolved, typed settings (profile plus user overrides).
     cache_dir : Path
-        A directory private to this job for intermediate files.
+        A directory private to this job and fit unit for intermediate files.
     weights : WeightsResolver
-        Finds pretrained weights on disk (never downloads).
+        Finds pretrained weights on disk (never downloads) and remembers each file it found, with
+        its sha256, for the record.
     progress : Progress
         Progress reporting for epochs and steps.
     pseudo_validation : callable
-        ``pseudo_validation(n=None, seed=None) -> PseudoValidationSet``: synthetic anomalies made
-        from the training images, for methods that select hyperparameters.
+        ``pseudo_validation(n=8, seed=None) -> PseudoValidationSet``: synthetic anomalies made
+        from the training images (kept for plugins written against the first API; a method that
+        selects hyperparameters should hold out its own images with
+        :func:`harness.toolkit.pseudo_validation.split_holdout`).
     info : dict
-        Free-form facts the method wants in the job's record (chosen hyperparameters, whether a
-        backbone was randomly initialised, ...). Values must be JSON-serialisable.
+        Facts the method wants in the job's record (chosen hyperparameters, whether a backbone
+        was randomly initialised, ...). Values must be JSON-serialisable.
+    checkpoint : TrainingCheckpoint
+        Mid-fit checkpoints: wrap each training stage in ``context.checkpoint.stage(...)``
+        (:mod:`harness.checkpoint`) so that a killed fit resumes where it stopped.
+    fast_dev_run : bool
+        ``--fast-dev-run``: run every stage's real code for :meth:`epochs` = 1 epoch and at most
+        :data:`FAST_DEV_STEPS` optimiser steps (:meth:`stop_early`), to find crashes in minutes.
+    random_weights : bool
+        ``--weights random``: build and initialise every network randomly (seeded) instead of
+        loading pretrained files; such a job's record is marked and never shown as a result.
+    textures : frozenset of str
+        The job's dataset's texture categories (:attr:`harness.DatasetSpec.textures`).
+    dataset : str
+        The job's dataset name.
+    protocol : str
+        The job's protocol.
     """
 
     device: torch.device
@@ -79,8 +103,32 @@ class FitContext:
     cache_dir: Path
     weights: "WeightsResolver"
     progress: "Progress"
-    pseudo_validation: Callable[..., "PseudoValidationSet"]
+    pseudo_validation: Callable[..., "PseudoValidationSet"] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    checkpoint: "TrainingCheckpoint | None" = None
+    fast_dev_run: bool = False
+    random_weights: bool = False
+    textures: frozenset[str] = frozenset()
+    dataset: str = ""
+    protocol: str = ""
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is None:
+            from harness.checkpoint import TrainingCheckpoint
+
+            self.checkpoint = TrainingCheckpoint(None)
+
+    def epochs(self, n: int) -> int:
+        """Epochs to run for a stage of ``n`` epochs: ``n``, or 1 in a fast dev run (0 stays 0)."""
+        return min(int(n), 1) if self.fast_dev_run else int(n)
+
+    def stop_early(self, steps: int) -> bool:
+        """Whether a stage that made ``steps`` optimiser steps should stop (fast dev run only)."""
+        return self.fast_dev_run and steps >= FAST_DEV_STEPS
+
+
+#: Optimiser steps per training stage in a fast dev run.
+FAST_DEV_STEPS = 2
 
 
 class Method(abc.ABC):
@@ -99,14 +147,20 @@ class Method(abc.ABC):
     input_size: tuple[int, int] = (256, 256)
     #: Batch size the runner uses for ``predict`` (the FPS figure states it).
     eval_batch_size: int = 8
+    #: Filter the runner resizes images with (a name of :data:`harness.data.RESAMPLING`).
+    interpolation: str = "bicubic"
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
-        self.settings = dict(settings)
+        self.settings = settings if isinstance(settings, Settings) else Settings(settings)
+        # Three settings have a meaning the runner relies on (see harness.settings.SHARED_NAMES);
+        # a method that declares none of them sets the class attributes instead.
         if "image_size" in self.settings:
             size = self.settings["image_size"]
             self.input_size = (int(size), int(size)) if np.isscalar(size) else tuple(int(s) for s in size)
         if "eval_batch_size" in self.settings:
             self.eval_batch_size = int(self.settings["eval_batch_size"])
+        if "interpolation" in self.settings:
+            self.interpolation = str(self.settings["interpolation"])
         self.device = torch.device("cpu")
 
     @abc.abstractmethod
@@ -155,7 +209,11 @@ class Method(abc.ABC):
         return self
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to restore a finished fit (networks plus any extra state)."""
+        """Everything needed to restore a finished fit (networks plus any extra state).
+
+        The result is a tree of mappings, lists, tuples, tensors, arrays, numbers and strings: the
+        fit cache stores it as safetensors + JSON (:mod:`harness.state_io`), never pickled.
+        """
         return {name: net.state_dict() for name, net in self.networks().items()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

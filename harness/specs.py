@@ -1,14 +1,18 @@
 """Specifications that plugins return from their hooks.
 
-A spec is a plain, frozen description of something a plugin provides: a method, a dataset or a
-metric. The core validates every spec when it loads it (see :mod:`harness.registry`), so a
-missing field is reported with the plugin that declared it instead of failing mid-run.
+A spec is a plain, frozen description of something a plugin provides: a method, a dataset, a
+metric or an executor. The core validates every spec when it loads it (see
+:mod:`harness.registry`), so a missing field or a profile naming an unknown setting is reported
+with the plugin that declared it instead of failing mid-run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+from harness.settings import Setting, Settings, SettingsSchema, schema_from_profiles
 
 if TYPE_CHECKING:  # pragma: no cover
     from harness.data import DatasetIndex
@@ -16,6 +20,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: The protocols the core knows (see :mod:`harness.protocols`).
 PROTOCOLS = ("multiclass", "fewshot", "oneclass")
+#: Metric levels.
+LEVELS = ("image", "pixel", "efficiency")
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,81 @@ class PaperRef:
 
 
 @dataclass(frozen=True)
+class Resources:
+    """What one job of a method asks an executor for.
+
+    Attributes
+    ----------
+    gpus : float
+        GPUs (fractions allowed, as in Ray); 0 for a CPU job.
+    cpus : float
+        CPU cores.
+    memory_gb : float
+        Host memory; 0 = unspecified.
+    """
+
+    gpus: float = 0.0
+    cpus: float = 1.0
+    memory_gb: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        """JSON form (plans and records)."""
+        return {"gpus": float(self.gpus), "cpus": float(self.cpus), "memory_gb": float(self.memory_gb)}
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One pretrained file (or model folder) a job needs, pinned.
+
+    Attributes
+    ----------
+    key : str
+        Short identifier, unique within the method (``harness weights list`` shows it).
+    what : str
+        Human description for messages, e.g. ``"ImageNet WideResNet-50-2 (torchvision V1)"``.
+    filenames : tuple of str
+        Names under which the file is looked for in ``--weights-dir`` and the torch hub cache,
+        in order of preference.
+    repo_id, revision, filename : str
+        Where ``harness weights pull`` fetches it with ``huggingface_hub``: repository, pinned
+        revision (commit or tag) and the file in it; ``filename`` empty with ``folder`` for a
+        whole snapshot (a diffusers pipeline).
+    url : str
+        A plain download URL fetched with ``torch.hub`` instead of the hub (torchvision files).
+    sha256 : str
+        Hex digest; when set, ``harness weights verify`` and the preflight check it.
+    setting : str
+        The setting that may name an explicit path for this file (tried first).
+    folder : bool
+        A model folder rather than one file.
+    allow_patterns : tuple of str
+        For a folder: the files of the snapshot that are pulled.
+    refuse : tuple of str
+        File names that look right but are the wrong weights (e.g. a V2 torchvision file);
+        finding one is an error explaining why.
+    """
+
+    key: str
+    what: str
+    filenames: tuple[str, ...] = ()
+    repo_id: str = ""
+    revision: str = ""
+    filename: str = ""
+    url: str = ""
+    sha256: str = ""
+    setting: str = ""
+    folder: bool = False
+    allow_patterns: tuple[str, ...] = ()
+    refuse: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"key": self.key, "what": self.what, "filenames": list(self.filenames), "repo_id": self.repo_id,
+                "revision": self.revision, "filename": self.filename, "url": self.url, "sha256": self.sha256,
+                "setting": self.setting, "folder": self.folder}
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """Description of an anomaly detection method.
 
@@ -53,25 +134,62 @@ class MethodSpec:
     protocols : tuple of str
         Protocols the method supports, a subset of :data:`PROTOCOLS`.
     profiles : mapping of str to mapping
-        Named settings. ``paper`` reproduces the paper; ``tiny`` runs the same code at toy scale on
-        a CPU. Every profile must define every setting the factory reads.
+        Named overrides of the declared settings. ``paper`` reproduces the paper; ``tiny`` runs
+        the same code at toy scale on a CPU. With ``settings`` declared, a profile lists only
+        what differs from the defaults; without (the earlier API) every profile defines every
+        setting and the types are inferred.
     factory : callable
-        ``factory(settings) -> Method``. It builds the architecture only: pretrained weights are
-        loaded in :meth:`Method.fit`, so that building under ``torch.device("meta")`` needs no
-        files and no memory (``harness describe`` relies on this).
+        ``factory(settings) -> Method`` with ``settings`` a :class:`harness.Settings`. It builds
+        the architecture only: pretrained weights are loaded in :meth:`Method.fit`, so building
+        under ``torch.device("meta")`` needs no files and no memory (``harness describe`` relies
+        on this).
+    settings : sequence of Setting
+        Every setting, typed, with its default and help (:mod:`harness.settings`).
     settings_help : mapping of str to str
-        One line of documentation per setting.
+        The earlier API: one line of help per setting, for specs without ``settings``.
     description : str
         One paragraph shown by ``harness describe``.
+    paper_protocol : str
+        The protocol the paper's own numbers were made under (``oneclass`` for a method the
+        paper trains per class); a run under another protocol says so in its record.
+    resources : mapping of str to Resources
+        What a job asks an executor for, per profile name (missing: one CPU, no GPU).
+    weights : callable, optional
+        ``weights(settings) -> sequence of WeightFile``: the pretrained files a job with these
+        settings loads (none when its settings ask for random initialisation). The preflight
+        checks them and ``harness weights`` lists, verifies and pulls them.
     """
 
     name: str
     paper: PaperRef
     protocols: tuple[str, ...]
     profiles: Mapping[str, Mapping[str, Any]]
-    factory: Callable[[Mapping[str, Any]], "Method"]
+    factory: Callable[[Settings], "Method"]
+    settings: Sequence[Setting] = ()
     settings_help: Mapping[str, str] = field(default_factory=dict)
     description: str = ""
+    paper_protocol: str = ""
+    resources: Mapping[str, Resources] = field(default_factory=dict)
+    weights: Callable[[Settings], Sequence[WeightFile]] | None = None
+
+    @cached_property
+    def schema(self) -> SettingsSchema:
+        """The typed settings: declared, or inferred from the profiles (earlier API)."""
+        if self.settings:
+            return SettingsSchema(tuple(self.settings))
+        return schema_from_profiles(self.profiles, self.settings_help)
+
+    def resolve(self, profile: str, overrides: Mapping[str, Any] = ()) -> Settings:
+        """The settings of ``profile`` with ``overrides`` (already typed values) applied."""
+        return self.schema.resolve(self.profiles[profile], overrides)
+
+    def resources_for(self, profile: str) -> Resources:
+        """What a job with ``profile`` asks for."""
+        return self.resources.get(profile, Resources())
+
+    def weight_files(self, settings: Settings) -> list[WeightFile]:
+        """The pinned files a job with ``settings`` needs."""
+        return list(self.weights(settings)) if self.weights is not None else []
 
 
 @dataclass(frozen=True)
@@ -100,6 +218,13 @@ class DatasetSpec:
         Published image counts per category, ``{category: {"train": n, "test_normal": n,
         "test_anomalous": n}}``; ``harness data summary`` compares the counts it finds with them
         and warns about a partial download. Empty when nothing is published.
+    textures : tuple of str
+        The categories that are textures (a surface filling the frame) rather than objects, as
+        the dataset's authors classify them; methods that treat the two differently read it
+        from ``FitContext.textures``.
+    default_profile : str
+        The profile ``--profile auto`` picks on this dataset (``tiny`` for data made for CPU
+        runs, ``paper`` for the real benchmarks).
 
     An empty ``categories`` tuple means the categories are discovered in the root (a user's own
     folder of data).
@@ -112,6 +237,8 @@ class DatasetSpec:
     description: str = ""
     needs_root: bool = True
     official_counts: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    textures: tuple[str, ...] = ()
+    default_profile: str = "paper"
 
 
 @dataclass(frozen=True)
@@ -129,11 +256,18 @@ class MetricSpec:
     compute : callable
         ``compute(scores) -> float`` where ``scores`` is a :class:`harness.metrics.CategoryScores`
         holding the image scores, labels, anomaly maps and masks of one category. Returns a
-        fraction in [0, 1], or NaN when the metric is undefined for that category.
+        value (a fraction in [0, 1] for the accuracy metrics), or NaN when the metric is
+        undefined for that category.
     label : str
-        Short column title for tables, e.g. ``"P-AUPRO"``.
+        Short column title for tables, e.g. ``"P-AUPRO"`` (default: the name).
     in_mad : bool
         Whether the metric is one of those averaged into mAD.
+    scale : float
+        Factor applied for display (100: a fraction shown in percent; 1: shown as stored).
+    datasets : tuple of str
+        Only computed on these datasets (empty: on every dataset), e.g. DICE on medical sets.
+    description : str
+        One line for ``harness list`` and the report.
     """
 
     name: str
@@ -142,6 +276,39 @@ class MetricSpec:
     compute: Callable[[Any], float]
     label: str = ""
     in_mad: bool = False
+    scale: float = 100.0
+    datasets: tuple[str, ...] = ()
+    description: str = ""
+
+    @property
+    def title(self) -> str:
+        """The column title: ``label`` or the name."""
+        return self.label or self.name
+
+    def applies_to(self, dataset: str) -> bool:
+        """Whether the metric is computed on ``dataset``."""
+        return not self.datasets or dataset in self.datasets
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    """An engine that runs planned jobs (in process, Ray, SLURM, ...).
+
+    Attributes
+    ----------
+    name : str
+        Identifier for ``harness run --executor NAME``.
+    factory : callable
+        ``factory(options) -> Executor`` where ``options`` is the run's
+        :class:`harness.runner.RunOptions`; the executor's ``run(plan, runner)`` returns a
+        :class:`harness.runner.RunSummary` (see :mod:`harness.executors`).
+    description : str
+        One line for ``harness list``.
+    """
+
+    name: str
+    factory: Callable[[Any], Any]
+    description: str = ""
 
 
 def missing_fields(spec: Any, required: Sequence[str]) -> list[str]:

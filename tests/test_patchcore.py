@@ -7,29 +7,26 @@ import pytest
 import torch
 from toy_plugins import load_toy
 
-from harness import FitContext, TrainSet, WeightsNotFoundError
+from harness import TrainSet, WeightsNotFoundError
 from harness.data import ImageCache, read_image, resize_image, to_tensor
-from harness.progress import Progress
-from harness.weights import WeightsResolver
+from harness.testing import check_method, fit_context
 from harness_patchcore.model import PatchCore
-from harness_patchcore.plugin import PROFILES, harness_methods
+from harness_patchcore.plugin import harness_methods
 
 SIZE = 64
+(SPEC,) = harness_methods()
 
 
-def _settings(**overrides):
+def _settings(profile="tiny", **overrides):
     # ResNet-18 layer2 + layer3 at 64 px keep the toy bank small and the test fast; the coreset
     # ratio is the paper's 10%.
-    settings = dict(PROFILES["tiny"], backbone="resnet18", image_size=SIZE, layers=(2, 3), pretrain_embed_dim=64,
-                    target_embed_dim=64, coreset_ratio=0.1)
-    settings.update(overrides)
-    return settings
+    base = dict(backbone="resnet18", image_size=SIZE, backbone_layers=(2, 3), pretrain_embed_dim=64,
+                target_embed_dim=64, coreset_ratio=0.1) if profile == "tiny" else {}
+    return SPEC.resolve(profile, {**base, **overrides})
 
 
 def _context(tmp_path, settings, profile="tiny"):
-    return FitContext(device=torch.device("cpu"), seed=0, profile=profile, settings=settings,
-                      cache_dir=tmp_path, weights=WeightsResolver(tmp_path / "weights"),
-                      progress=Progress(enabled=False), pseudo_validation=lambda *a, **k: None)
+    return fit_context(settings, tmp_path, profile=profile, weights_dir=tmp_path / "weights")
 
 
 def _toy():
@@ -54,10 +51,14 @@ def fitted(tmp_path_factory):
 
 
 def test_spec_is_complete():
-    (spec,) = harness_methods()
-    assert spec.name == "patchcore" and set(spec.profiles) >= {"paper", "tiny"}
-    for profile in spec.profiles.values():
-        assert set(profile) <= set(spec.settings_help)
+    assert SPEC.name == "patchcore" and set(SPEC.profiles) >= {"paper", "tiny"}
+    for profile in SPEC.profiles.values():
+        assert set(profile) <= set(SPEC.schema.names)
+
+
+def test_patchcore_passes_the_conformance_checks(tmp_path):
+    check_method(SPEC, overrides=dict(backbone="resnet18", image_size=32, backbone_layers=(1, 2),
+                                      pretrain_embed_dim=32, target_embed_dim=32), workdir=tmp_path)
 
 
 def test_fit_predict_shapes_and_separation(fitted):
@@ -98,7 +99,7 @@ def test_fit_is_reproducible_from_the_seed(fitted, tmp_path):
 
 def test_paper_profile_builds_on_meta_device():
     with torch.device("meta"):
-        method = PatchCore(PROFILES["paper"])
+        method = PatchCore(SPEC.resolve("paper"))
     count = method.parameter_count()["backbone"]
     # The full wide_resnet50_2 has 68.88 M parameters, of which layer4 and fc (not built with
     # out_indices=(2, 3)) hold 44.02 M: stem + layer1..layer3 = 24.86 M.
@@ -111,14 +112,15 @@ def test_paper_profile_without_weights_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HARNESS_WEIGHTS", raising=False)
-    settings = dict(PROFILES["paper"], image_size=32)
+    settings = SPEC.resolve("paper", {"image_size": 32})
     train, *_ = _toy()
     with torch.device("meta"):
         method = PatchCore(settings)
     with pytest.raises(WeightsNotFoundError) as err:
         method.fit(train, _context(tmp_path, settings, profile="paper"))
     message = str(err.value)
-    assert "wide_resnet50_2" in message and str(tmp_path / "weights") in message and "tiny" in message
+    assert "wide_resnet50_2-95faca4d.pth" in message and str(tmp_path / "weights") in message
+    assert "harness weights pull" in message and "--weights random" in message
 
 
 def test_paper_weights_are_loaded_from_disk(tmp_path, monkeypatch):
@@ -126,7 +128,7 @@ def test_paper_weights_are_loaded_from_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     # resnet18 stands in for wide_resnet50_2 to keep the test fast; the loading code is the same.
-    settings = _settings(backbone="resnet18", pretrained=True)
+    settings = _settings(backbone="resnet18", backbone_pretrained=True)
     import timm
 
     full = timm.create_model("resnet18", pretrained=False)

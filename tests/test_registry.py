@@ -45,7 +45,9 @@ def test_builtin_metrics_are_loaded():
 def test_duplicate_names_keep_the_first_and_name_both_plugins():
     registry = load_registry(entry_points=[], extra_plugins=[("toy", ToyPlugin()), ("dupe", _Duplicate())])
     assert registry.methods["meanimage"].plugin.name == "toy"
-    assert any("duplicate method name 'meanimage'" in p and "'toy'" in p and "'dupe'" in p for p in registry.problems)
+    problem = next(p for p in registry.problems if p.kind == "duplicate")
+    assert "duplicate method name 'meanimage'" in str(problem) and "'toy'" in str(problem)
+    assert problem.plugin == "dupe"
 
 
 def test_invalid_specs_and_raising_hooks_are_reported_not_fatal():
@@ -53,7 +55,8 @@ def test_invalid_specs_and_raising_hooks_are_reported_not_fatal():
                                                                ("toy", ToyPlugin())])
     assert "incomplete" not in registry.methods and "oddprotocol" not in registry.methods
     assert "meanimage" in registry.methods and "toy" in registry.datasets
-    text = "\n".join(registry.problems)
+    text = "\n".join(map(str, registry.problems))
+    assert {p.kind for p in registry.problems} >= {"spec", "hook"}
     assert "lacks protocols" in text and "zeroshot-magic" in text and "cannot list datasets" in text
 
 
@@ -79,8 +82,9 @@ def test_entry_point_that_fails_to_import_is_reported_with_its_distribution(tmp_
     registry = load_registry(entry_points=eps)
     assert "outside" in registry.methods
     assert registry.methods["outside"].plugin.distribution == "harness-outside 1.2.3"
-    problem = next(p for p in registry.problems if "'broken'" in p)
-    assert "harness-outside 1.2.3" in problem and "not_a_real_module_xyz" in problem
+    problem = next(p for p in registry.problems if p.plugin == "broken")
+    assert problem.kind == "import" and problem.distribution == "harness-outside 1.2.3"
+    assert "not_a_real_module_xyz" in problem.message
     sys.modules.pop("good_plugin", None)
 
 
@@ -125,4 +129,4 @@ def test_reporters_see_the_run_and_a_broken_reporter_is_not_fatal(run_options):
     assert [o.status for o in summary.outcomes] == ["ok", "failed"]
     assert reporter.events == [("run_started", 2), ("job_started", "meanimage"), ("job_finished", "ok"),
                                ("job_started", "raising"), ("job_finished", "failed"), ("run_finished", 2, False)]
-    assert any("tracker offline" in p for p in registry.problems)
+    assert any("tracker offline" in p.message and p.kind == "reporter" for p in registry.problems)

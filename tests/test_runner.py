@@ -80,16 +80,16 @@ def test_force_redoes_finished_jobs(toy_registry, run_options):
 def test_interrupt_keeps_finished_records(toy_registry, run_options, monkeypatch):
     jobs = _jobs(["meanimage"], seeds=(0, 1, 2))
     runner = Runner(toy_registry, run_options)
-    original = runner.run_job
+    original = runner.job_runner.run_job
     calls = []
 
-    def interrupt_second(job):
-        calls.append(job)
+    def interrupt_second(planned):
+        calls.append(planned)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return original(job)
+        return original(planned)
 
-    monkeypatch.setattr(runner, "run_job", interrupt_second)
+    monkeypatch.setattr(runner.job_runner, "run_job", interrupt_second)
     summary = runner.run(jobs)
     assert summary.interrupted
     assert [o.status for o in summary.outcomes] == ["ok"]

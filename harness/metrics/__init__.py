@@ -11,7 +11,7 @@ Public API
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -67,16 +67,19 @@ def evaluate(anomaly_maps, masks, image_scores=None, labels=None) -> dict[str, f
     return accumulator.compute()
 
 
-def mean_over_categories(per_category: Mapping[str, Mapping[str, float | None]]) -> dict[str, float]:
+def mean_over_categories(per_category: Mapping[str, Mapping[str, float | None]],
+                         mad_metrics: Sequence[str] | None = None) -> dict[str, float]:
     """Unweighted mean of each metric over categories, plus ``mad``.
 
     A category where a metric is undefined (NaN or None) is left out of that metric's mean; a
-    metric undefined everywhere stays NaN. ``mad`` is the mean of :data:`MAD_METRICS` and is only
-    given when all of them are defined.
+    metric undefined everywhere stays NaN. ``mad`` is the mean of ``mad_metrics`` (the metric
+    specs marked ``in_mad``; default :data:`MAD_METRICS`) and is only given when all of them
+    are defined.
 
     Parameters
     ----------
     per_category : mapping of category to mapping of metric to value
+    mad_metrics : sequence of str, optional
 
     Returns
     -------
@@ -89,7 +92,7 @@ def mean_over_categories(per_category: Mapping[str, Mapping[str, float | None]])
     for name in names:
         vals = [v for c in per_category.values() if (v := c.get(name)) is not None and not math.isnan(v)]
         out[name] = float(np.mean(vals)) if vals else float("nan")
-    mad = [out.get(n, float("nan")) for n in MAD_METRICS]
+    mad = [out.get(n, float("nan")) for n in (MAD_METRICS if mad_metrics is None else mad_metrics)]
     if not any(math.isnan(v) for v in mad):
         out["mad"] = float(np.mean(mad))
     return out

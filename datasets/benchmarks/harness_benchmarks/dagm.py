@@ -162,6 +162,7 @@ def load_dagm(root: Path | str | None, categories: Sequence[str] | None = None) 
 @hookimpl
 def harness_datasets():
     """Register DAGM 2007."""
-    return [DatasetSpec(name=NAME, categories=CATEGORIES, loader=load_dagm,
+    # Every DAGM class is a texture: the defects are drawn on statistically generated surfaces.
+    return [DatasetSpec(name=NAME, categories=CATEGORIES, loader=load_dagm, textures=CATEGORIES,
                         find_root=env_root(NAME, "HARNESS_DATA_DAGM"),
                         description="DAGM 2007: 10 synthetic textures with weakly labelled defects (unsupervised split)")]

@@ -20,6 +20,9 @@ NAME = "mvtec"
 CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw",
               "tile", "toothbrush", "transistor", "wood", "zipper")
 
+#: The five texture categories, as the dataset paper classifies them (the other ten are objects).
+TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
+
 #: (train, test good, test defective) per category, from the dataset paper; totals 3629 / 467 / 1258.
 OFFICIAL = counts_table({
     "bottle": (209, 20, 63), "cable": (224, 58, 92), "capsule": (219, 23, 109), "carpet": (280, 28, 89),
@@ -66,5 +69,5 @@ def load_mvtec(root: Path | str | None, categories: Sequence[str] | None = None)
 def harness_datasets():
     """Register MVTec AD."""
     return [DatasetSpec(name=NAME, categories=CATEGORIES, loader=load_mvtec,
-                        find_root=env_root(NAME, "HARNESS_DATA_MVTEC"), official_counts=OFFICIAL,
+                        find_root=env_root(NAME, "HARNESS_DATA_MVTEC"), official_counts=OFFICIAL, textures=TEXTURES,
                         description="MVTec AD: 15 industrial categories (5 textures, 10 objects)")]

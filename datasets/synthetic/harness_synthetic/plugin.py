@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from harness import CategoryData, DatasetError, DatasetIndex, DatasetSpec, Sample, hookimpl
-from harness_synthetic.generator import CATEGORIES, N_TRAIN, render_sample, test_plan
+from harness_synthetic.generator import CATEGORIES, N_TRAIN, TEXTURES, render_sample, test_plan
 
 
 def _image_source(category: str, split: str, index: int):
@@ -71,4 +71,6 @@ def harness_datasets():
     """Register the synthetic dataset."""
     return [DatasetSpec(name="synthetic", categories=CATEGORIES, loader=load_synthetic, find_root=None,
                         description="Embedded procedural set: 3 textures + 3 objects, 128 px, 5 defect kinds",
-                        needs_root=False)]
+                        needs_root=False, textures=TEXTURES,
+                        # Made to run offline on a CPU: --profile auto picks each method's tiny profile.
+                        default_profile="tiny")]

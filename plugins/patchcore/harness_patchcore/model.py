@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from harness import FitContext, Method, Prediction, TrainSet
-from harness.backbones import create_features, load_pretrained, recalibrate_batchnorm
-from harness.coreset import greedy_coreset
-from harness.ops import gaussian_blur, imagenet_normalize, nearest_neighbour_distance, resize_maps
+from harness.toolkit.backbones import create_features, load_weights, recalibrate_batchnorm
+from harness.toolkit.coreset import greedy_coreset
+from harness.toolkit.ops import gaussian_blur, imagenet_normalize, nearest_neighbour_distance, resize_maps
+from harness.toolkit.precision import autocast
 
 
 class PatchCore(Method):
@@ -44,14 +45,14 @@ class PatchCore(Method):
 
     Parameters
     ----------
-    settings : mapping
-        See the plugin's ``settings_help``.
+    settings : Settings
+        See :data:`harness_patchcore.plugin.SETTINGS`.
     """
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         super().__init__(settings)
-        self.backbone = create_features(self.settings["backbone"], self.settings["layers"])
-        self.bank = torch.zeros(0, int(self.settings["target_embed_dim"]))
+        self.backbone = create_features(self.settings.backbone, self.settings.backbone_layers)
+        self.bank = torch.zeros(0, self.settings.target_embed_dim)
 
     def networks(self) -> Mapping[str, torch.nn.Module]:
         """The feature extractor (the memory bank is state, not a network)."""
@@ -74,43 +75,49 @@ class PatchCore(Method):
                 feats = F.interpolate(feats, size=grid, mode="bilinear", align_corners=False)
             b, c, h, w = feats.shape
             per_position = feats.permute(0, 2, 3, 1).reshape(-1, 1, c)
-            pooled.append(F.adaptive_avg_pool1d(per_position, int(self.settings["pretrain_embed_dim"]))[:, 0])
+            pooled.append(F.adaptive_avg_pool1d(per_position, self.settings.pretrain_embed_dim)[:, 0])
         stacked = torch.stack(pooled, dim=1).reshape(pooled[0].shape[0], 1, -1)
-        embedded = F.adaptive_avg_pool1d(stacked, int(self.settings["target_embed_dim"]))[:, 0]
+        embedded = F.adaptive_avg_pool1d(stacked, self.settings.target_embed_dim)[:, 0]
         return embedded.reshape(images.shape[0], grid[0], grid[1], -1)
 
     def fit(self, train: TrainSet, context: FitContext) -> None:
         """Build the memory bank from every training patch and reduce it to a coreset.
 
-        With ``pretrained`` the backbone's ImageNet weights are read from disk through
-        ``context.weights`` (never downloaded); a missing file raises
-        :class:`harness.WeightsNotFoundError` naming the file and where to put it. Without it the
+        With ``backbone_pretrained`` (and not ``--weights random``) the backbone's ImageNet weights
+        are read from disk through ``context.weights`` (never downloaded); a missing file raises
+        :class:`harness.WeightsNotFoundError` naming the file and the pull command. Otherwise the
         backbone is re-initialised from ``context.seed`` and its BatchNorm statistics are
-        re-estimated on the training images (see :meth:`_random_backbone`).
+        re-estimated on the training images (see :meth:`_random_backbone`). The finished bank is
+        checkpointed as one stage, so a killed job does not extract the features again.
         """
-        batch_size = int(self.settings["train_batch_size"])
-        dim = int(self.settings["target_embed_dim"])
-        if self.settings["pretrained"]:
-            source = load_pretrained(self.backbone, self.settings["backbone"], context.weights,
-                                     self.settings.get("weights_file") or None)
-            context.info["backbone_init"] = "imagenet"
-            context.info["backbone_weights"] = str(source)
-        else:
-            self._random_backbone(train, context.seed, batch_size)
-            context.info["backbone_init"] = "random"
-        self.backbone.to(self.device).eval()
-        patches = []
-        with torch.no_grad():
-            for images, _ in context.progress.iterate(train.batches(batch_size), total=-(-len(train) // batch_size),
-                                                      desc="patchcore features"):
-                patches.append(self.embed(images.to(self.device)).reshape(-1, dim))
-        bank = torch.cat(patches)
-        keep = greedy_coreset(bank, float(self.settings["coreset_ratio"]),
-                              projection_dim=int(self.settings["coreset_projection_dim"]) or None,
-                              seed=context.seed)
-        self.bank = bank[keep].contiguous()
-        context.info["memory_bank"] = {"patches": int(bank.shape[0]), "coreset": int(self.bank.shape[0]),
-                                       "coreset_ratio": float(self.settings["coreset_ratio"])}
+        from harness_patchcore.plugin import weight_files
+
+        s = self.settings
+        with context.checkpoint.stage("memory_bank", backbone=self.backbone, bank=_Bank(self)) as position:
+            if position.done:
+                context.info.update(position.extra.get("info", {}))
+                return
+            files = [] if context.random_weights else weight_files(s)
+            if files:
+                source = load_weights(self.backbone, files[0], context.weights, s)
+                context.info.update(backbone_init="imagenet", backbone_weights=str(source))
+            else:
+                self._random_backbone(train, context.seed, s.train_batch_size)
+                context.info["backbone_init"] = "random"
+            self.backbone.to(self.device).eval()
+            patches = []
+            batches = train.batches(s.train_batch_size)
+            with torch.no_grad(), autocast(self.device, s.precision):
+                for images, _ in context.progress.iterate(batches, total=-(-len(train) // s.train_batch_size),
+                                                          desc="patchcore features"):
+                    patches.append(self.embed(images.to(self.device)).float().reshape(-1, s.target_embed_dim))
+            bank = torch.cat(patches)
+            keep = greedy_coreset(bank, s.coreset_ratio, projection_dim=s.coreset_projection_dim or None,
+                                  seed=context.seed)
+            self.bank = bank[keep].contiguous()
+            context.info["memory_bank"] = {"patches": int(bank.shape[0]), "coreset": int(self.bank.shape[0]),
+                                           "coreset_ratio": s.coreset_ratio}
+            position.extra["info"] = dict(context.info)
 
     def _random_backbone(self, train: TrainSet, seed: int, batch_size: int) -> None:
         """Seeded random weights with BatchNorm statistics re-estimated on ``train``.
@@ -126,7 +133,7 @@ class PatchCore(Method):
         """
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
-            fresh = create_features(self.settings["backbone"], self.settings["layers"])
+            fresh = create_features(self.settings.backbone, self.settings.backbone_layers)
         self.backbone.load_state_dict(fresh.state_dict())
         self.backbone.to(self.device)
         recalibrate_batchnorm(self.backbone, (imagenet_normalize(x.to(self.device))
@@ -142,13 +149,14 @@ class PatchCore(Method):
         map = patch scores upsampled bilinearly to the input size, then Gaussian-smoothed with
         ``smoothing_sigma`` (4 px).
         """
-        feats = self.embed(images)
+        with autocast(self.device, self.settings.precision):
+            feats = self.embed(images).float()
         b, h, w, d = feats.shape
         dist, _ = nearest_neighbour_distance(feats.reshape(-1, d), self.bank, k=1)
         patch_scores = dist[:, 0].reshape(b, h, w)
         image_scores = patch_scores.flatten(1).amax(1)
         maps = resize_maps(patch_scores, images.shape[-2:])
-        maps = gaussian_blur(maps, float(self.settings["smoothing_sigma"]))
+        maps = gaussian_blur(maps, self.settings.smoothing_sigma)
         return Prediction(maps, image_scores)
 
     def state_dict(self) -> dict[str, Any]:
@@ -159,3 +167,16 @@ class PatchCore(Method):
         """Restore :meth:`state_dict`."""
         self.backbone.load_state_dict(state["backbone"])
         self.bank = state["bank"].to(self.device)
+
+
+class _Bank:
+    """The memory bank as a checkpointable object (``state_dict`` / ``load_state_dict``)."""
+
+    def __init__(self, method: PatchCore) -> None:
+        self.method = method
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"bank": self.method.bank.cpu()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.method.bank = state["bank"].to(self.method.device)

@@ -1,9 +1,12 @@
-"""The PatchCore method plugin: the baseline of every paper's tables."""
+"""The PatchCore method plugin: the baseline of every paper's tables.
+
+Importing this module is cheap: the network code (timm) loads when a method is built.
+"""
 
 from __future__ import annotations
 
-from harness import MethodSpec, PaperRef, hookimpl
-from harness_patchcore.model import PatchCore
+from harness import MethodSpec, PaperRef, Resources, Setting, WeightFile, hookimpl
+from harness.settings import eval_batch_size, image_size, precision
 
 PAPER = PaperRef(
     title="Towards Total Recall in Industrial Anomaly Detection",
@@ -12,38 +15,66 @@ PAPER = PaperRef(
     code="https://github.com/amazon-science/patchcore-inspection",
 )
 
+SETTINGS = (
+    image_size(256),
+    eval_batch_size(8),
+    precision("fp32"),
+    Setting("train_batch_size", int, 8, "images per feature-extraction batch during fit", minimum=1),
+    Setting("backbone", str, "wide_resnet50_2", "timm name of the pretrained feature extractor"),
+    Setting("backbone_layers", tuple[int, ...], (2, 3),
+            "backbone stages whose features are used (timm indices: 2, 3 = layer2, layer3)"),
+    Setting("backbone_pretrained", bool, True,
+            "load ImageNet weights from disk (never downloaded); false = seeded random init + BatchNorm re-estimation"),
+    Setting("backbone_weights_file", str, "", "explicit path of the backbone weights (optional)"),
+    Setting("pretrain_embed_dim", int, 1024, "channels each layer's patch feature is pooled to", minimum=1),
+    Setting("target_embed_dim", int, 1024, "channels of the final patch feature", minimum=1),
+    Setting("coreset_ratio", float, 0.1, "fraction of training patches kept in the memory bank", minimum=0.0,
+            maximum=1.0),
+    Setting("coreset_projection_dim", int, 128, "random projection size used while selecting the coreset (0: none)",
+            minimum=0),
+    Setting("smoothing_sigma", float, 4.0, "Gaussian sigma (pixels) applied to the upsampled anomaly map", minimum=0.0),
+)
+
 PROFILES = {
-    "paper": {
-        "backbone": "wide_resnet50_2", "layers": (2, 3), "pretrained": True, "weights_file": "",
-        "image_size": 256, "pretrain_embed_dim": 1024, "target_embed_dim": 1024, "coreset_ratio": 0.1,
-        "coreset_projection_dim": 128, "smoothing_sigma": 4.0, "train_batch_size": 8, "eval_batch_size": 8,
-    },
+    "paper": {},
     # The paper's backbone, randomly initialised. Random features keep fine detail only in the
     # early stages, so layer1 + layer2 are used (stride 4: a 32 x 32 patch grid at the synthetic
     # set's native 128 px) with 512-d embeddings; the coreset keeps 2% on a 32-d projection to
     # stay within the CPU budget. On the synthetic set (seed 0) this gives an image AUROC of
     # 0.78 in about a minute, against 0.76-0.77 for ResNet-18 layers 1-3 at 128-192 px.
     "tiny": {
-        "backbone": "wide_resnet50_2", "layers": (1, 2), "pretrained": False, "weights_file": "",
-        "image_size": 128, "pretrain_embed_dim": 512, "target_embed_dim": 512, "coreset_ratio": 0.02,
-        "coreset_projection_dim": 32, "smoothing_sigma": 4.0, "train_batch_size": 16, "eval_batch_size": 16,
+        "backbone_layers": (1, 2), "backbone_pretrained": False, "image_size": 128, "pretrain_embed_dim": 512,
+        "target_embed_dim": 512, "coreset_ratio": 0.02, "coreset_projection_dim": 32, "train_batch_size": 16,
+        "eval_batch_size": 16,
     },
 }
 
-SETTINGS_HELP = {
-    "backbone": "timm model name of the feature extractor",
-    "layers": "backbone stages whose features are used (timm indices: 2, 3 = layer2, layer3)",
-    "pretrained": "load ImageNet weights from disk (never downloaded); false = random init + BatchNorm recalibration",
-    "weights_file": "explicit path of the backbone weights (optional)",
-    "image_size": "side of the square input",
-    "pretrain_embed_dim": "channels each layer's patch feature is pooled to",
-    "target_embed_dim": "channels of the final patch feature",
-    "coreset_ratio": "fraction of training patches kept in the memory bank",
-    "coreset_projection_dim": "random projection size used while selecting the coreset",
-    "smoothing_sigma": "Gaussian sigma (pixels) applied to the upsampled anomaly map",
-    "train_batch_size": "batch size for feature extraction during fit",
-    "eval_batch_size": "batch size of predict (the FPS figure states it)",
-}
+#: torchvision's ImageNet WideResNet-50-2 V1 weights, which the paper and the authors' code use.
+WRN50_V1 = WeightFile(
+    key="backbone", what="ImageNet WideResNet-50-2 weights (torchvision V1, IMAGENET1K_V1)",
+    filenames=("wide_resnet50_2-95faca4d.pth",),
+    url="https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth", setting="backbone_weights_file",
+    refuse=("wide_resnet50_2-9ba9bcbe.pth",),
+)
+
+
+def weight_files(settings):
+    """The backbone's ImageNet weights, unless the backbone is randomly initialised."""
+    if not settings.backbone_pretrained:
+        return []
+    if settings.backbone == "wide_resnet50_2":
+        return [WRN50_V1]
+    return [WeightFile(key="backbone", what=f"ImageNet weights of {settings.backbone}",
+                       filenames=(f"{settings.backbone}.safetensors", f"{settings.backbone}.pth"),
+                       repo_id=f"timm/{settings.backbone}", filename="model.safetensors",
+                       setting="backbone_weights_file")]
+
+
+def build(settings):
+    """The factory: builds PatchCore's architecture (no weights are read)."""
+    from harness_patchcore.model import PatchCore
+
+    return PatchCore(settings)
 
 
 @hookimpl
@@ -51,7 +82,8 @@ def harness_methods():
     """PatchCore."""
     return [MethodSpec(
         name="patchcore", paper=PAPER, protocols=("multiclass", "fewshot", "oneclass"), profiles=PROFILES,
-        factory=PatchCore, settings_help=SETTINGS_HELP,
+        factory=build, settings=SETTINGS, paper_protocol="oneclass", weights=weight_files,
+        resources={"paper": Resources(gpus=1, cpus=4, memory_gb=16), "tiny": Resources(cpus=1)},
         description="Memory bank of pretrained WideResNet-50 patch features reduced by a greedy coreset; "
                     "anomaly = distance to the nearest normal patch.",
     )]

@@ -1,0 +1,73 @@
+"""What every record says about where it ran, and the seeding every job starts from."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import random
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness import __version__
+
+
+def now() -> str:
+    """The current UTC time, ISO format (records' ``started`` / ``finished``)."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (every device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def git_revision() -> str | None:
+    """The harness checkout's git revision, or None outside a checkout."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev.stdout.strip() or None
+
+
+def environment(device: torch.device | None = None) -> dict[str, Any]:
+    """Versions, platform, device and git revision, stored in every record."""
+    env: dict[str, Any] = {
+        "harness": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "numpy": np.__version__, "platform": platform.platform(), "processor": platform.machine(),
+        "hostname": platform.node(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "device": str(device) if device is not None else None, "git_revision": git_revision(),
+    }
+    if device is not None and device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available) as a device.
+
+    Raises
+    ------
+    harness.errors.UsageError
+        When CUDA is asked for and not available.
+    """
+    from harness.errors import UsageError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device

@@ -1,0 +1,188 @@
+"""Evaluation: predict every test image, check the output, resize, and score each category.
+
+For each category of a fit unit, test images go to ``predict`` in batches of the method's
+``eval_batch_size``; the clock runs only around ``predict`` (:mod:`harness.efficiency`). Each
+batch's output is checked (:func:`check_prediction`: type, shapes, NaN/inf, naming the images),
+its maps are resized bilinearly to the evaluation grid and streamed with the ground-truth masks
+into the exact metric engine (:class:`harness.metrics.MetricAccumulator`), so the maps are not
+kept — unless a metric plugin other than the standard seven needs them, or a *map sink* (saved
+maps for the report and ``export-maps``) takes them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from harness.data import ImageCache, Sample, read_image, read_mask, resize_mask, to_tensor
+from harness.efficiency import PredictTimer, count_flops
+from harness.errors import HarnessError, MethodOutputError
+from harness.method import Method, Prediction, as_numpy
+from harness.metrics import CategoryScores, MetricAccumulator
+from harness.metrics.builtin import STANDARD_METRICS
+from harness.progress import Progress
+from harness.specs import MetricSpec
+
+
+class MapSink(Protocol):
+    """Receives every checked batch of maps at the evaluation size (e.g. to save some of them)."""
+
+    def add(self, category: str, samples: Sequence[Sample], maps: Sequence[np.ndarray],
+            scores: np.ndarray) -> None:
+        """Take one batch: samples, their maps (H, W) at the evaluation size and image scores."""
+
+
+def native_size(sample: Sample) -> tuple[int, int]:
+    """(H, W) of a sample's image, reading only the header when it is a file."""
+    if callable(sample.image):
+        return read_image(sample.image).shape[:2]
+    from PIL import Image
+
+    with Image.open(sample.image) as img:
+        return img.height, img.width
+
+
+def resize_map(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinearly resize one anomaly map to ``shape`` (no-op when it already has that shape)."""
+    if amap.shape == tuple(shape):
+        return amap.astype(np.float32, copy=False)
+    tensor = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
+    return F.interpolate(tensor, size=tuple(shape), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def ground_truth(sample: Sample, eval_size: int | None) -> np.ndarray:
+    """The mask at the evaluation size (all false for normal images and missing masks)."""
+    if sample.mask is None:
+        shape = (eval_size, eval_size) if eval_size else native_size(sample)
+        return np.zeros(shape, dtype=bool)
+    mask = read_mask(sample.mask)
+    return resize_mask(mask, (eval_size, eval_size)) if eval_size else mask
+
+
+def check_prediction(prediction: Prediction, batch: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
+    """Validate ``predict``'s output for ``batch`` and return (maps (B,h,w), scores (B,)) as NumPy.
+
+    Raises
+    ------
+    MethodOutputError
+        On a wrong type or shape, or NaN/inf values; the message names the images concerned.
+    """
+    if not isinstance(prediction, Prediction):
+        raise MethodOutputError(f"predict returned {type(prediction).__name__}, expected harness.Prediction")
+    n = len(batch)
+    maps = as_numpy(prediction.anomaly_maps)
+    scores = as_numpy(prediction.image_scores).reshape(-1)
+    if maps.ndim == 4 and maps.shape[1] == 1:
+        maps = maps[:, 0]
+    if maps.ndim != 3 or maps.shape[0] != n or min(maps.shape[1:], default=0) < 1:
+        raise MethodOutputError(f"predict returned anomaly maps of shape {tuple(maps.shape)} for a batch of {n} images; "
+                                "expected (B, H, W)")
+    if scores.shape != (n,):
+        raise MethodOutputError(f"predict returned {scores.size} image scores for a batch of {n} images")
+    bad = [s.key for s, m, v in zip(batch, maps, scores) if not (np.isfinite(m).all() and np.isfinite(v))]
+    if bad:
+        raise MethodOutputError(f"predict returned NaN or inf for {len(bad)} image(s): {', '.join(bad[:5])}")
+    return maps, scores
+
+
+class Evaluator:
+    """Scores one job's fitted methods category by category.
+
+    Parameters
+    ----------
+    dataset : str
+        The dataset's name (for the image cache and metric applicability).
+    metrics : sequence of MetricSpec
+        Metrics computed per category.
+    eval_size : int or None
+        Evaluation grid side; None keeps each image's resolution.
+    device : torch.device
+    images : ImageCache
+    progress : Progress
+    latency_repeats : int
+    sinks : sequence of MapSink
+        Receive every batch of checked, resized maps.
+    """
+
+    def __init__(self, dataset: str, metrics: Sequence[MetricSpec], eval_size: int | None, device: torch.device,
+                 images: ImageCache, progress: Progress, latency_repeats: int = 3,
+                 sinks: Sequence[MapSink] = ()) -> None:
+        self.dataset = dataset
+        self.metrics = list(metrics)
+        self.eval_size = eval_size
+        self.device = device
+        self.images = images
+        self.progress = progress
+        self.latency_repeats = latency_repeats
+        self.sinks = list(sinks)
+        self.timer = PredictTimer(device)
+        self.flops_per_image: int | None = None
+        self._warmed = False
+        # The standard seven are streamed; maps are kept only for a metric plugin that may read them.
+        self.keep_maps = any(spec not in STANDARD_METRICS for spec in self.metrics)
+
+    def _tensor(self, method: Method, samples: Sequence[Sample]) -> torch.Tensor:
+        arrays = [self.images.image(self.dataset, s, method.input_size, method.interpolation) for s in samples]
+        return to_tensor(arrays).to(self.device)
+
+    def warm_up(self, method: Method, sample: Sample) -> None:
+        """One untimed call (with the flop counter), then the single-image latency calls."""
+        image = self._tensor(method, [sample])
+        _, self.flops_per_image = count_flops(lambda: method.predict(image, [sample.category]))
+        for _ in range(self.latency_repeats):
+            self.timer.latency(lambda: method.predict(image, [sample.category]))
+        self._warmed = True
+
+    def evaluate(self, method: Method, tests: dict[str, Sequence[Sample]], label: str = "") -> dict[str, dict[str, float]]:
+        """Metrics per category of ``tests`` (``{category: samples}``) for a fitted ``method``."""
+        out: dict[str, dict[str, float]] = {}
+        total = sum(len(s) for s in tests.values())
+        with torch.no_grad(), self.progress.bar(total=total, desc=f"{label} test".strip(), unit="img") as bar:
+            for category, samples in tests.items():
+                if not samples:
+                    continue
+                if not self._warmed:
+                    self.warm_up(method, samples[0])
+                scores = self.score_category(method, category, samples, bar)
+                out[category] = {m.name: float(m.compute(scores)) for m in self.metrics}
+        return out
+
+    def score_category(self, method: Method, category: str, samples: Sequence[Sample], bar: Any) -> CategoryScores:
+        """Predict, check, resize and accumulate one category's test images."""
+        accumulator = MetricAccumulator(name=category)
+        maps, masks, image_scores, shapes = [], [], [], set()
+        for start in range(0, len(samples), method.eval_batch_size):
+            batch = samples[start:start + method.eval_batch_size]
+            images = self._tensor(method, batch)
+            prediction = self.timer.time(lambda: method.predict(images, [s.category for s in batch]), len(batch))
+            batch_maps, batch_scores = check_prediction(prediction, batch)
+            batch_masks = [ground_truth(sample, self.eval_size) for sample in batch]
+            resized = [resize_map(amap, mask.shape) for amap, mask in zip(batch_maps, batch_masks)]
+            shapes.update(m.shape for m in batch_masks)
+            if len(shapes) > 1:
+                raise HarnessError(f"{self.dataset}/{category}: test images have different sizes {sorted(shapes)}; "
+                                   "use --eval-size N to evaluate on a common grid")
+            accumulator.update(resized, batch_masks, image_scores=batch_scores,
+                               labels=[s.label for s in batch], names=[s.key for s in batch])
+            for sink in self.sinks:
+                sink.add(category, batch, resized, batch_scores)
+            if self.keep_maps:
+                maps.extend(resized)
+                masks.extend(batch_masks)
+            image_scores.append(batch_scores)
+            bar.update(len(batch))
+        return CategoryScores(
+            image_scores=np.concatenate(image_scores), labels=np.array([s.label for s in samples]),
+            maps=np.stack(maps) if self.keep_maps else None, masks=np.stack(masks) if self.keep_maps else None,
+            name=category, keys=[s.key for s in samples], standard=accumulator.compute(),
+        )
+
+    def efficiency(self) -> dict[str, Any]:
+        """FPS, latency, FLOPs, peak memory and prediction time of everything evaluated."""
+        memory, kind = self.timer.peak_memory()
+        return {"fps": self.timer.fps, "latency_ms": self.timer.latency_ms, "predict_seconds": self.timer.seconds,
+                "n_test_images": self.timer.images, "flops_per_image": self.flops_per_image,
+                "peak_memory_mb": memory, "peak_memory_kind": kind, "device": str(self.device)}

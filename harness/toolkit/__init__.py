@@ -1,0 +1,18 @@
+"""Building blocks that several methods share, apart from the contract; plugins import them by choice.
+
+One implementation of each:
+
+- :mod:`harness.toolkit.coreset` — greedy k-center coreset selection on a random projection;
+- :mod:`harness.toolkit.backbones` — timm feature extractors built without weights, their
+  ImageNet weights loaded from disk, BatchNorm re-estimation for random backbones;
+- :mod:`harness.toolkit.ops` — ImageNet normalisation, SciPy-exact Gaussian smoothing, map
+  resizing, chunked nearest-neighbour distances;
+- :mod:`harness.toolkit.scoring` — image scores from maps (pooled maximum);
+- :mod:`harness.toolkit.foreground` — Otsu thresholding and the object foreground of an image;
+- :mod:`harness.toolkit.pseudo_validation` — held-out training images and synthetic anomalies
+  pasted onto them, for methods that select hyperparameters without test data;
+- :mod:`harness.toolkit.sd15` — Stable Diffusion v1.5 network configurations (diffusers);
+- :mod:`harness.toolkit.precision` — autocast and gradient scaling for ``--precision``.
+
+Nothing here is imported by ``import harness``: each module loads its libraries when imported.
+"""
