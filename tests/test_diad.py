@@ -1,7 +1,9 @@
-"""Tests of the DiAD plugin: sizes, SD loading paths, SFF block, scoring rule, frozen parts, a tiny run."""
+"""Tests of the DiAD plugin: spec and sizes, weights, SG network and SFF, schedule, losses, training, resume."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,44 +18,107 @@ try:
 except ImportError:  # not installed: import from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "diad"))
 
-from harness import FitContext, TrainSet, WeightsNotFoundError  # noqa: E402
+from harness import TrainSet, WeightsNotFoundError  # noqa: E402
+from harness.checkpoint import Position  # noqa: E402
 from harness.data import ImageCache, Sample  # noqa: E402
-from harness.progress import Progress  # noqa: E402
-from harness.weights import WeightsResolver  # noqa: E402
-from harness_diad.architectures import ARCHITECTURES  # noqa: E402
+from harness.settings import open_choices  # noqa: E402
+from harness.testing import check_method, fit_context  # noqa: E402
+from harness.toolkit.scoring import pooled_max  # noqa: E402
+from harness_diad.architectures import architecture  # noqa: E402
+from harness_diad.losses import PatchDiscriminator, adaptive_weight, hinge_d_loss  # noqa: E402
 from harness_diad.model import DiAD  # noqa: E402
 from harness_diad.networks import SFFBlock, SemanticGuidedNetwork, residual_channels  # noqa: E402
 from harness_diad.plugin import PROFILES, harness_methods  # noqa: E402
-from harness_diad.scoring import feature_distance_map, pooled_max_score  # noqa: E402
-from harness_diad.weights import find_sd, read_sd  # noqa: E402
+from harness_diad.schedule import NoiseSchedule  # noqa: E402
+from harness_diad.scoring import feature_distance_map  # noqa: E402
+from harness_diad.weights import read_sd  # noqa: E402
 from synthetic_runs import synthetic_record  # noqa: E402
 
-TINY = ARCHITECTURES["tiny"]
+(SPEC,) = harness_methods()
+TINY = architecture("tiny")
 #: The tiny profile at the smallest size that runs every code path quickly.
-MICRO = {**PROFILES["tiny"], "image_size": 32, "ae_epochs": 1, "epochs": 1, "batch_size": 4, "ae_batch_size": 4,
-         "ddim_steps": 2}
+MICRO = {"ae_epochs": 1, "epochs": 1, "train_batch_size": 4, "ae_train_batch_size": 4, "ddim_steps": 4,
+         "eval_batch_size": 4}
 
 
-# ---------------------------------------------------------------------------------------------- sizes
+def micro(**overrides):
+    """Settings of the tiny profile, shrunk (``MICRO``) and overridden."""
+    return SPEC.resolve("tiny", {**MICRO, **overrides})
+
+
+def _train_set(n: int = 8, size: int = 32) -> TrainSet:
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(n):
+        img = (rng.random((size, size, 3)) * 50 + 100).astype(np.uint8)
+        samples.append(Sample(f"a/train/good/{i}", "a", "train", 0, "good", image=lambda a=img: a))
+    return TrainSet("t", samples, (size, size), ImageCache(), "bilinear")
+
+
+def _fit(settings, tmp_path, train=None, **context):
+    torch.manual_seed(0)
+    method = DiAD(settings)
+    ctx = fit_context(settings, tmp_path, **context)
+    method.fit(train or _train_set(), ctx)
+    return method, ctx
+
+
+# ---------------------------------------------------------------------------------------------- spec and sizes
 
 def test_paper_profile_matches_table_11_on_meta_device():
     with torch.device("meta"):
-        method = DiAD(PROFILES["paper"])
+        method = SPEC.factory(SPEC.resolve("paper"))
     counts = method.parameter_count()
-    for name, paper in (("unet", 859e6), ("sg", 471e6), ("vae", 83.7e6)):
-        assert abs(counts[name] / paper - 1) < 0.03, (name, counts[name])
-    # The SG count includes the SFF block's nine bias-free 3 x 3 convolutions (110.6 M).
+    # Table 11: 859 M, 471 M, 83.7 M; the SG count includes the SFF block's nine bias-free 3 x 3 convolutions.
+    assert (counts["unet"], counts["sg"], counts["vae"]) == (859_520_964, 471_871_120, 83_653_863)
     assert sum(p.numel() for p in method.sg.sff.parameters()) == 3 * (640 + 2 * 1280) * 1280 * 9
+    assert method.interpolation == "bilinear" and method.input_size == (256, 256)
+    assert method.ddim.noise_step == 999 and method.ddim.timesteps == tuple(range(901, 0, -100))
 
 
-def test_spec_declares_every_setting():
-    (spec,) = harness_methods()
-    assert spec.name == "diad"
-    for profile in spec.profiles.values():
-        assert set(profile) == set(spec.settings_help)
+def test_spec_typed_settings_profiles_and_choices():
+    from harness.testing import check_spec
+
+    check_spec(SPEC)
+    assert SPEC.paper_protocol == "multiclass" and PROFILES["paper"] == {}
+    assert SPEC.resources_for("paper").gpus == 1
+    settings = SPEC.resolve("paper")
+    assert settings.only_mid_control is True and settings.precision == "fp32" and settings.interpolation == "bilinear"
+    assert settings.backbone_layers == (1, 2, 3) and settings.ae_disc_start == 50001
+    choices = open_choices(SPEC.schema, settings)
+    for name in ("checkpoint_selection", "only_mid_control", "noise_to_first_ddim_step", "interpolation",
+                 "precision", "ae_epochs", "backbone_pretrained"):
+        assert choices[name]["why"], name
+    assert choices["checkpoint_selection"]["value"] == "final" and "test set" in choices["checkpoint_selection"]["why"]
 
 
-# ---------------------------------------------------------------------------------------------- SFF block
+def test_plugin_module_imports_no_heavy_library():
+    code = ("import sys, harness_diad.plugin as p; p.harness_methods(); "
+            "print([m for m in ('diffusers', 'timm', 'lpips', 'transformers') if m in sys.modules])")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "plugins" / "diad")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "[]"
+
+
+def test_weight_files_are_pinned_and_follow_the_settings():
+    paper = {f.key: f for f in SPEC.weight_files(SPEC.resolve("paper"))}
+    assert set(paper) == {"sd15", "backbone", "lpips_vgg16"}
+    sd, backbone = paper["sd15"], paper["backbone"]
+    assert sd.filename == "v1-5-pruned.ckpt" and sd.repo_id == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert len(sd.revision) == 40 and len(sd.sha256) == 64
+    assert backbone.repo_id == "timm/resnet50.a1_in1k" and len(backbone.revision) == 40 and len(backbone.sha256) == 64
+    assert "resnet50-19c8e357.pth" in backbone.refuse  # torchvision's weights are not the authors'
+    assert paper["lpips_vgg16"].url.endswith("vgg16-397923af.pth")
+    assert SPEC.weight_files(SPEC.resolve("tiny")) == []
+    folder = SPEC.weight_files(SPEC.resolve("paper", {"sd_path": "/models/sd15", "ae_perceptual_weight": 0.0}))
+    assert [f.key for f in folder] == ["sd15", "backbone"] and folder[0].folder
+    ema = SPEC.weight_files(SPEC.resolve("paper", {"sd_path": "/m/v1-5-pruned-emaonly.ckpt"}))[0]
+    assert not ema.folder and ema.sha256.startswith("cc6cb271")
+    authors = SPEC.weight_files(SPEC.resolve("paper", {"authors_checkpoint": "/m/epoch=999.ckpt"}))
+    assert [f.key for f in authors] == ["authors_checkpoint", "backbone"]
+
+
+# ---------------------------------------------------------------------------------------------- SFF block, SG network
 
 def test_sff_block_shapes_and_zero_start():
     sff = SFFBlock([640, 1280, 1280], [1280, 1280, 1280])
@@ -73,42 +138,75 @@ def test_sff_block_shapes_and_zero_start():
 
 
 def test_sg_network_fuses_block_3_into_block_4_of_sd15_layout():
-    channels = residual_channels(ARCHITECTURES["sd15"]["unet"])
+    channels = residual_channels(architecture("sd15").unet)
     assert channels == [320, 320, 320, 320, 640, 640, 640, 1280, 1280, 1280, 1280, 1280]
     with torch.device("meta"):
-        sg = SemanticGuidedNetwork(ARCHITECTURES["sd15"]["unet"], ARCHITECTURES["sd15"]["hint_channels"])
+        sg = SemanticGuidedNetwork(architecture("sd15").unet, architecture("sd15").hint_channels)
     assert [p[0].in_channels for p in sg.sff.paths[0]] == [640, 1280, 1280]
 
 
-def test_sg_network_residuals_only_reach_the_last_block_and_middle():
+def test_only_mid_control_connects_the_fused_block_and_the_middle_only():
     torch.manual_seed(0)
-    sg = SemanticGuidedNetwork(TINY["unet"], TINY["hint_channels"])
+    sg = SemanticGuidedNetwork(TINY.unet, TINY.hint_channels, only_mid_control=True)
     for p in sg.parameters():  # leave the zero init so that every residual is non-zero
         torch.nn.init.normal_(p, std=0.05)
-    down, mid = sg(torch.randn(2, 4, 8, 8), torch.randn(2, 3, 32, 32), torch.tensor([10, 500]), torch.randn(2, 77, 32))
-    b = TINY["unet"]["layers_per_block"] + 1
-    assert len(down) == len(residual_channels(TINY["unet"]))
+    args = (torch.randn(2, 4, 8, 8), torch.randn(2, 3, 32, 32), torch.tensor([10, 500]), torch.randn(2, 77, 32))
+    controls = sg.controls(*args)
+    down, mid = sg(*args)
+    b = TINY.unet["layers_per_block"] + 1
+    assert len(controls) == len(residual_channels(TINY.unet)) + 1
     assert all(d.abs().sum() == 0 for d in down[:-b])
-    assert all(d.abs().sum() > 0 for d in down[-b:]) and mid.abs().sum() > 0
+    assert all(torch.equal(d, c) for d, c in zip(down[-b:], controls[-b - 1:-1])) and torch.equal(mid, controls[-1])
+    all_down, _ = sg(*args, only_mid_control=False)
+    assert all(torch.equal(d, c) for d, c in zip(all_down, controls[:-1]))
 
 
-# ---------------------------------------------------------------------------------------------- scoring
+def test_reset_new_parts_is_seeded_and_zero_initialises_the_projections():
+    a = SemanticGuidedNetwork(TINY.unet, TINY.hint_channels)
+    b = SemanticGuidedNetwork(TINY.unet, TINY.hint_channels)
+    for net in (a, b):
+        for p in net.parameters():
+            torch.nn.init.normal_(p)
+        net.reset_new_parts(3)
+    emb = a.controlnet.controlnet_cond_embedding
+    assert torch.equal(emb.conv_in.weight, b.controlnet.controlnet_cond_embedding.conv_in.weight)
+    assert emb.conv_out.weight.abs().sum() == 0 and a.controlnet.controlnet_mid_block.weight.abs().sum() == 0
+    assert all(path[0].weight.abs().sum() == 0 for paths in a.sff.paths for path in paths)
+
+
+# ---------------------------------------------------------------------------------------------- schedule, scoring
+
+def test_ddim_plan_of_the_authors_and_the_consistent_truncation():
+    schedule = NoiseSchedule(1000, 0.00085, 0.012)
+    authors = schedule.plan(10, 999, noise_to_first_step=False)
+    assert authors.noise_step == 999 and authors.steps[0] == (901, 801) and authors.steps[-1] == (1, -1)
+    consistent = schedule.plan(10, 300, noise_to_first_step=True)
+    assert consistent.noise_step == consistent.timesteps[0] == 201 and consistent.timesteps == (201, 101, 1)
+    # The betas are linear in sqrt(beta) (LDM's "linear"), computed in float64.
+    assert np.isclose(schedule.betas[0], 0.00085) and np.isclose(schedule.betas[-1], 0.012)
+    assert np.allclose(np.sqrt(schedule.betas), np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000))
+
+
+def test_ddim_step_inverts_the_noising_for_the_true_noise():
+    schedule = NoiseSchedule(1000, 0.00085, 0.012)
+    z, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    x = schedule.add_noise(z, eps, 501)
+    x_prev, x0 = schedule.ddim_step(x, eps, 501, 401)
+    torch.testing.assert_close(x0, z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x_prev, schedule.add_noise(z, eps, 401), atol=1e-5, rtol=1e-5)
+
 
 def test_image_score_is_max_after_eight_8x8_poolings():
     maps = torch.zeros(2, 64, 64)
     maps[0, 10, 10] = 1.0  # a single hot pixel is averaged away
     maps[1, 20:44, 20:44] = 1.0  # a large region survives
-    scores = pooled_max_score(maps, kernel=8, rounds=8)
+    scores = pooled_max(maps, 8, 8)
     x = maps[:, None]
     for _ in range(8):
         x = torch.nn.functional.avg_pool2d(x, 8, stride=1)
     assert x.shape[-1] == 64 - 8 * 7
     assert torch.allclose(scores, x.flatten(1).amax(1))
-    assert scores[1] > scores[0] > 0
-    # The maximum of the raw map would not separate them.
-    assert maps[0].max() == maps[1].max()
-    # A map smaller than the window stops pooling instead of failing.
-    assert pooled_max_score(torch.ones(1, 5, 5), 8, 8).item() == 1.0
+    assert scores[1] > scores[0] > 0 and maps[0].max() == maps[1].max()
 
 
 def test_feature_distance_is_one_minus_cosine_summed_over_levels():
@@ -119,29 +217,20 @@ def test_feature_distance_is_one_minus_cosine_summed_over_levels():
     assert torch.allclose(opposite, torch.full_like(opposite, 4.0), atol=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------- loading
+# ---------------------------------------------------------------------------------------------- losses
 
-def _tiny_sd_networks(seed: int = 0):
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**TINY["unet"])
-    vae = AutoencoderKL(**TINY["vae"])
-    text = CLIPTextModel(CLIPTextConfig(**TINY["text_encoder"]))
-    return unet, vae, text
-
-
-def _context(tmp_path: Path, weights_dir: Path | None = None, **settings) -> FitContext:
-    return FitContext(device=torch.device("cpu"), seed=0, profile="tiny", settings=settings, cache_dir=tmp_path,
-                      weights=WeightsResolver(weights_dir), progress=Progress(False),
-                      pseudo_validation=lambda **_: None)
-
-
-def _train_set(n: int = 8, size: int = 32) -> TrainSet:
-    rng = np.random.default_rng(0)
-    samples = []
-    for i in range(n):
-        img = (rng.random((size, size, 3)) * 50 + 100).astype(np.uint8)
-        samples.append(Sample(f"a/train/good/{i}", "a", "train", 0, "good", image=lambda a=img: a))
-    return TrainSet("t", samples, (size, size), ImageCache())
+def test_patch_discriminator_hinge_loss_and_adaptive_weight():
+    disc = PatchDiscriminator(3, 8, 3)
+    disc.initialise(0)
+    convs = [m for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 5 and convs[1].bias is None and convs[-1].out_channels == 1
+    assert abs(float(convs[2].weight.std()) - 0.02) < 0.005
+    assert disc(torch.randn(2, 3, 32, 32)).shape == (2, 1, 2, 2)
+    assert float(hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0))) == 0.0
+    assert float(hinge_d_loss(torch.zeros(4), torch.zeros(4))) == 1.0
+    w = torch.randn(3, requires_grad=True)
+    nll, g = (w * 2).sum(), (w * 4).sum()
+    assert torch.isclose(adaptive_weight(nll, g, w, 0.5), torch.tensor(0.5 * 2 / (4 + 1e-4 / 3 ** 0.5)), rtol=1e-4)
 
 
 def _ldm_unet_keys(unet_state: dict, n: int) -> dict:
@@ -209,41 +298,44 @@ def _ldm_vae_keys(vae_state: dict, levels: int) -> dict:
     return out
 
 
-def test_diffusers_folder_loads_through_the_real_sd_path(tmp_path):
-    unet, vae, text = _tiny_sd_networks()
-    folder = tmp_path / "weights" / "stable-diffusion-v1-5"
-    unet.save_pretrained(folder / "unet")
-    vae.save_pretrained(folder / "vae")
-    text.save_pretrained(folder / "text_encoder")
-    path, layout = find_sd(WeightsResolver(tmp_path / "weights"))
-    assert (path, layout) == (folder, "folder")
-    loaded = read_sd(path, layout, TINY)
-    for a, b in ((loaded.unet, unet), (loaded.vae, vae), (loaded.text_encoder, text)):
-        sa, sb = a.state_dict(), b.state_dict()
-        assert all(torch.equal(sa[k], sb[k]) for k in sb)
+# ---------------------------------------------------------------------------------------------- loading
+
+def _tiny_sd_networks(seed: int = 0):
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY.unet)
+    vae = AutoencoderKL(**TINY.vae)
+    text = CLIPTextModel(CLIPTextConfig(**TINY.text_encoder))
+    return unet, vae, text
 
 
 def test_single_file_checkpoint_loads_like_v1_5_pruned_ckpt(tmp_path):
     unet, vae, text = _tiny_sd_networks(1)
-    state = {**_ldm_unet_keys(unet.state_dict(), TINY["unet"]["layers_per_block"]),
-             **_ldm_vae_keys(vae.state_dict(), len(TINY["vae"]["block_out_channels"])),
-             **{"cond_stage_model.transformer." + k: v for k, v in text.state_dict().items()}}
-    (tmp_path / "w").mkdir()
-    torch.save({"state_dict": state}, tmp_path / "w" / "v1-5-pruned.ckpt")
-    path, layout = find_sd(WeightsResolver(tmp_path / "w"))
-    assert layout == "single_file"
-    loaded = read_sd(path, layout, TINY)
-    for a, b in ((loaded.unet, unet), (loaded.vae, vae), (loaded.text_encoder, text)):
-        sa, sb = a.state_dict(), b.state_dict()
-        assert all(torch.allclose(sa[k], sb[k].reshape(sa[k].shape)) for k in sb), type(b).__name__
+    state = {**_ldm_unet_keys(unet.state_dict(), TINY.unet["layers_per_block"]),
+             **_ldm_vae_keys(vae.state_dict(), len(TINY.vae["block_out_channels"])),
+             # v1-5-pruned.ckpt keeps CLIP under cond_stage_model.transformer.text_model.*
+             **{"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v
+                for k, v in text.state_dict().items()},
+             "model_ema.decay": torch.tensor(0.9999), "betas": torch.zeros(3)}
+    torch.save({"state_dict": state}, tmp_path / "v1-5-pruned.ckpt")
+    loaded = read_sd(tmp_path / "v1-5-pruned.ckpt", TINY)
+    assert loaded.layout == "single_file"
+    for ours, net in ((loaded.unet, unet), (loaded.vae, vae), (loaded.text_encoder.state_dict(), text)):
+        reference = net.state_dict()
+        assert set(ours) == set(reference)
+        assert all(torch.equal(ours[k].reshape(reference[k].shape), reference[k]) for k in reference), type(net)
+    # A tensor that belongs to no network is an error, not silently dropped.
+    state["control_model.stray.weight"] = torch.zeros(2)
+    torch.save(state, tmp_path / "other.ckpt")
+    with pytest.raises(WeightsNotFoundError, match="stray"):
+        read_sd(tmp_path / "other.ckpt", TINY)
 
 
-def test_missing_sd_weights_name_files_and_tiny_profile(tmp_path):
-    method = DiAD({**MICRO, "pretrained": True})
+def test_missing_sd_weights_name_the_file_and_the_pull_command(tmp_path):
+    settings = micro(sd_pretrained=True)
     with pytest.raises(WeightsNotFoundError) as err:
-        method.fit(_train_set(), _context(tmp_path, tmp_path / "empty"))
+        _fit(settings, tmp_path)
     text = str(err.value)
-    assert "v1-5-pruned.ckpt" in text and "stable-diffusion-v1-5" in text and "tiny" in text
+    assert "v1-5-pruned.ckpt" in text and "harness weights pull" in text and "--weights random" in text
 
 
 def test_pretrained_fit_copies_sd_into_unet_and_sg(tmp_path):
@@ -251,21 +343,27 @@ def test_pretrained_fit_copies_sd_into_unet_and_sg(tmp_path):
     folder = tmp_path / "sd"
     for name, net in (("unet", unet), ("vae", vae), ("text_encoder", text)):
         net.save_pretrained(folder / name)
-    method = DiAD({**MICRO, "pretrained": True, "sd_path": str(folder), "ae_epochs": 0, "epochs": 0})
-    method.fit(_train_set(), _context(tmp_path))
+    method, ctx = _fit(micro(sd_pretrained=True, sd_path=str(folder), ae_epochs=0, epochs=0), tmp_path / "fit")
     assert torch.equal(method.unet.conv_in.weight, unet.conv_in.weight)
     assert torch.equal(method.sg.controlnet.conv_in.weight, unet.conv_in.weight)
     assert torch.equal(method.vae.encoder.conv_in.weight, vae.encoder.conv_in.weight)
-    # The context is the text encoder's output for the empty prompt.
-    assert method.context.embedding.abs().sum() > 0
+    assert method.context.embedding.abs().sum() > 0  # the empty prompt's CLIP output
+    assert ctx.info["sd_layout"] == "folder" and any(str(folder) in u["path"] for u in ctx.weights.used)
+
+
+def test_random_weights_read_no_file_even_when_the_settings_ask_for_pretrained(tmp_path):
+    settings = micro(sd_pretrained=True, backbone_pretrained=True, ae_perceptual_weight=1.0, epochs=0)
+    method, ctx = _fit(settings, tmp_path, random_weights=True)
+    assert ctx.info["sd_init"] == "random" and ctx.info["backbone_init"].startswith("random")
+    assert ctx.weights.used == []
 
 
 # ---------------------------------------------------------------------------------------------- training
 
 def test_sd_encoder_frozen_while_sg_and_decoder_train(tmp_path):
-    method = DiAD(MICRO)
+    method = DiAD(micro())
     train = _train_set()
-    ctx = _context(tmp_path)
+    ctx = fit_context(method.settings, tmp_path)
     method._initialise(train, ctx)
     before = {n: p.detach().clone() for n, p in method.unet.named_parameters()}
     sg_before = {n: p.detach().clone() for n, p in method.sg.named_parameters()}
@@ -277,17 +375,105 @@ def test_sd_encoder_frozen_while_sg_and_decoder_train(tmp_path):
     assert any(not torch.equal(p, sg_before[n]) for n, p in method.sg.named_parameters())
 
 
+def test_accumulation_steps_the_leftover_at_each_epoch_end(tmp_path):
+    # 5 images, batch 2: 3 batches per epoch; accumulating 2, Lightning steps after batches 2 and 3.
+    settings = micro(ae_epochs=2, ae_train_batch_size=2, ae_grad_accumulation=2, epochs=2, train_batch_size=2,
+                     grad_accumulation=2)
+    _, ctx = _fit(settings, tmp_path, train=_train_set(5))
+    assert ctx.info["ae_steps"] == 4 and ctx.info["steps"] == 4
+
+
+def test_the_adversarial_term_is_gated_on_the_step(tmp_path):
+    base = dict(ae_epochs=2, ae_train_batch_size=2, epochs=0)
+    off, _ = _fit(micro(**base, ae_disc_factor=0.0), tmp_path / "off")
+    late, late_ctx = _fit(micro(**base, ae_disc_start=100), tmp_path / "late")
+    # Before the start the loss is exactly L1 + KL: identical to training without a discriminator.
+    assert all(torch.equal(a, b) for a, b in zip(off.vae.state_dict().values(), late.vae.state_dict().values()))
+    assert late_ctx.info["ae_adversarial_steps"] == 0
+    on, on_ctx = _fit(micro(**base, ae_disc_start=3), tmp_path / "on")  # 8 images / 2: 8 steps, 5 adversarial
+    assert on_ctx.info["ae_adversarial_steps"] == 5 and on_ctx.info["ae_steps"] == 8
+    assert not all(torch.equal(a, b) for a, b in zip(off.vae.state_dict().values(), on.vae.state_dict().values()))
+
+
+def test_the_discriminator_adam_starts_at_the_global_step(tmp_path, monkeypatch):
+    seen = {}
+    original = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if any(p.ndim == 4 and p.shape[1] == 3 and p.shape[-1] == 4 for g in self.param_groups for p in g["params"]):
+            seen["step"] = float(next(iter(self.state.values()))["step"])
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    _fit(micro(ae_epochs=2, ae_train_batch_size=2, epochs=0, ae_disc_start=3), tmp_path)
+    # Steps 0-2 without the discriminator (the authors' zero-gradient steps), then steps 3..7: Adam step 8.
+    assert seen["step"] == 8.0
+
+
+def test_gradient_checkpointing_changes_no_number(tmp_path):
+    plain, _ = _fit(micro(ae_epochs=0), tmp_path / "a")
+    checkpointed, _ = _fit(micro(ae_epochs=0, gradient_checkpointing=True), tmp_path / "b")
+    assert checkpointed.unet.is_gradient_checkpointing and checkpointed.sg.controlnet.is_gradient_checkpointing
+    for a, b in zip(plain.sg.state_dict().values(), checkpointed.sg.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_fast_dev_run_makes_two_steps_per_stage_and_bf16_predicts_float32(tmp_path):
+    settings = micro(ae_epochs=5, epochs=5, ae_train_batch_size=2, train_batch_size=2, precision="bf16")
+    method, ctx = _fit(settings, tmp_path, fast_dev_run=True)
+    assert ctx.info["ae_steps"] == 2 and ctx.info["steps"] == 2 and ctx.info["epochs"] == 1
+    pred = method.predict(torch.rand(2, 3, 32, 32), ["a", "a"])
+    assert pred.anomaly_maps.dtype == torch.float32 and torch.isfinite(pred.anomaly_maps).all()
+
+
+class _Killed(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("kill_at", [3, 10])  # mid autoencoder stage; mid denoiser stage
+def test_a_fit_killed_halfway_resumes_to_identical_predictions(tmp_path, monkeypatch, kill_at):
+    settings = micro(ae_epochs=2, epochs=2, ae_train_batch_size=2, train_batch_size=2, grad_accumulation=2)
+    images = torch.rand(3, 3, 32, 32)
+    reference, ref_ctx = _fit(settings, tmp_path / "uninterrupted")
+    assert ref_ctx.info["ae_steps"] == 8 and ref_ctx.info["steps"] == 4
+    expected = reference.predict(images, ["a"] * 3)
+
+    original, count = Position.step, {"n": 0}
+
+    def dying_step(self, *, epoch, batch):
+        original(self, epoch=epoch, batch=batch)  # saves the checkpoint (interval 0)
+        count["n"] += 1
+        if count["n"] == kill_at:
+            raise _Killed("killed")
+
+    monkeypatch.setattr(Position, "step", dying_step)
+    with pytest.raises(_Killed):
+        _fit(settings, tmp_path / "run", checkpoint_interval=0)
+    monkeypatch.setattr(Position, "step", original)
+    resumed, ctx = _fit(settings, tmp_path / "run", checkpoint_interval=0)
+    stage = "autoencoder" if kill_at <= 8 else "denoiser"
+    assert ctx.checkpoint.resumed_from["stage"] == stage
+    got = resumed.predict(images, ["a"] * 3)
+    assert torch.equal(got.anomaly_maps, expected.anomaly_maps) and torch.equal(got.image_scores, expected.image_scores)
+    assert ctx.info["ae_steps"] == 8 and ctx.info["steps"] == 4
+
+
+def test_conformance_kit(tmp_path):
+    check_method(SPEC, "tiny", overrides={**MICRO, "ae_train_batch_size": 2, "train_batch_size": 2},
+                 workdir=tmp_path)
+
+
 def test_tiny_fit_and_predict_shapes(tmp_path):
-    method = DiAD(MICRO)
-    ctx = _context(tmp_path)
-    method.fit(_train_set(), ctx)
+    method, ctx = _fit(micro(), tmp_path)
     images = torch.rand(3, 3, 32, 32)
     pred = method.predict(images, ["a"] * 3)
     assert pred.anomaly_maps.shape == (3, 32, 32) and pred.image_scores.shape == (3,)
     assert torch.isfinite(pred.anomaly_maps).all()
     again = method.predict(images, ["a"] * 3)
     assert torch.equal(pred.image_scores, again.image_scores)  # seeded inference noise
-    assert ctx.info["sd_init"] == "random" and ctx.info["backbone_init"] == "random"
+    # Tiny profile, 4 DDIM steps (1, 251, 501, 751): noised to 251, the first step run.
+    assert ctx.info["sd_init"] == "random" and ctx.info["noise_step"] == 251 and ctx.info["ddim_timesteps"] == [251, 1]
 
 
 @pytest.mark.slow
@@ -297,3 +483,4 @@ def test_main_job_record_of_diad():
     assert record["status"] == "ok", record.get("error")
     assert set(record["mean"]) >= {"image_auroc", "pixel_auroc", "pixel_aupro"}
     assert record["method_info"]["sd_init"] == "random" and record["method_info"]["steps"] > 0
+    assert record["method_info"]["choices"]["checkpoint_selection"]["value"] == "final"

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from toy_plugins import load_toy
 
 from harness import TrainSet, WeightsNotFoundError
 from harness.data import ImageCache, read_image, resize_image, to_tensor
 from harness.testing import check_method, fit_context
-from harness_patchcore.model import PatchCore
-from harness_patchcore.plugin import harness_methods
+from harness.weights import WeightsResolver, verify
+from harness_patchcore.model import PatchCore, aggregate_patches
+from harness_patchcore.plugin import WRN50_V1, harness_methods
 
 SIZE = 64
 (SPEC,) = harness_methods()
@@ -61,6 +66,91 @@ def test_patchcore_passes_the_conformance_checks(tmp_path):
                                       pretrain_embed_dim=32, target_embed_dim=32), workdir=tmp_path)
 
 
+def test_patchcore_with_the_centre_crop_passes_the_conformance_checks(tmp_path):
+    check_method(SPEC, overrides=dict(backbone="resnet18", image_size=32, center_crop=24, backbone_layers=(1, 2),
+                                      pretrain_embed_dim=32, target_embed_dim=32, num_neighbours=2,
+                                      distance="euclidean"), workdir=tmp_path)
+
+
+def test_paper_profile_follows_the_authors_code():
+    paper = SPEC.resolve("paper")
+    assert paper.image_size == 256 and paper.center_crop == 224 and paper.interpolation == "bilinear"
+    assert paper.backbone == "wide_resnet50_2" and paper.backbone_layers == (2, 3) and paper.patchsize == 3
+    assert paper.pretrain_embed_dim == paper.target_embed_dim == 1024 and paper.coreset_ratio == 0.1
+    assert paper.distance == "squared" and paper.num_neighbours == 1 and paper.coreset_starting_points == 10
+    choices = {s.name for s in SPEC.settings if s.choice}
+    assert {"center_crop", "distance", "interpolation", "coreset_starting_points"} <= choices
+
+
+# ---------------------------------------------------------------------------------------------- local aggregation
+
+def test_aggregation_weights_the_centre_as_the_authors_code_does():
+    """layer2-like (C -> 2C values, windows of 4.5) and layer3-like (C*9 -> C, windows of 9) pooling."""
+    gen = torch.Generator().manual_seed(0)
+    first = torch.randn(1, 4, 5, 5, generator=gen)      # 4 channels * 9 = 36 values -> 8 (windows of 4.5)
+    second = torch.randn(1, 8, 5, 5, generator=gen)     # 8 channels * 9 = 72 values -> 8 (windows of 9)
+    out = aggregate_patches([first, second], patchsize=3, pretrain_dim=8, target_dim=8)
+    assert out.shape == (1, 5, 5, 8)
+    padded1, padded2 = F.pad(first, (1, 1, 1, 1)), F.pad(second, (1, 1, 1, 1))
+    for (y, x) in [(2, 2), (0, 0), (4, 3)]:
+        n1 = padded1[0, :, y:y + 3, x:x + 3].reshape(4, 9)  # zero-padded neighbourhood, row-major
+        n2 = padded2[0, :, y:y + 3, x:x + 3].reshape(8, 9)
+        # MeanMapper of the first layer: per channel, the first five and the last five entries.
+        halves = torch.stack([n1[:, :5].mean(1), n1[:, 4:].mean(1)], 1).reshape(8)
+        means = n2.mean(1)                                 # plain 3x3 means of the second layer
+        # Aggregator: [halves, means] (16 values) pooled to 8 = means of consecutive pairs.
+        expected = torch.cat([halves, means]).reshape(8, 2).mean(1)
+        assert torch.allclose(out[0, y, x], expected, atol=1e-6), (y, x)
+        # So the first layer's channel c weighs its centre 0.2 and each neighbour 0.1.
+        weights = torch.full((9,), 0.1)
+        weights[4] = 0.2
+        assert torch.allclose(out[0, y, x, :4], (n1 * weights).sum(1), atol=1e-6)
+
+
+def test_aggregation_resizes_unfolded_patches_of_later_layers():
+    gen = torch.Generator().manual_seed(1)
+    fine, coarse = torch.randn(2, 3, 8, 8, generator=gen), torch.randn(2, 6, 4, 4, generator=gen)
+    out = aggregate_patches([fine, coarse], patchsize=3, pretrain_dim=6, target_dim=6)
+    assert out.shape == (2, 8, 8, 6)
+    # The coarse layer's 3x3 means (zero padded), resized bilinearly, pooled in adjacent channel pairs.
+    means = F.interpolate(F.avg_pool2d(coarse, 3, 1, 1), size=(8, 8), mode="bilinear", align_corners=False)
+    assert torch.allclose(out[..., 3:], means.permute(0, 2, 3, 1).reshape(2, 8, 8, 3, 2).mean(-1), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- crop and distance
+
+def test_centre_crop_scores_the_border_as_the_lowest_score(tmp_path):
+    train, images, categories, _ = _toy()
+    settings = _settings(center_crop=48, train_batch_size=8)
+    method = PatchCore(settings).to("cpu")
+    method.fit(train, _context(tmp_path, settings))
+    method.eval()
+    assert method.crop(images).shape[-2:] == (48, 48)
+    out = method.predict(images[:3], categories[:3])
+    maps = out.anomaly_maps
+    assert maps.shape == (3, SIZE, SIZE)
+    inner = maps[:, 8:56, 8:56]
+    border = maps.clone()
+    border[:, 8:56, 8:56] = float("nan")
+    lowest = inner.flatten(1).amin(1)
+    ring = border.flatten(1)
+    ring = ring[~torch.isnan(ring)].reshape(3, -1)
+    assert torch.equal(ring, lowest[:, None].expand_as(ring))
+    assert (inner.flatten(1).amax(1) > lowest).all()
+
+
+def test_squared_distance_squares_the_euclidean_scores(fitted):
+    method, _, images, categories, _ = fitted
+    squared = method.predict(images[:4], categories[:4])
+    euclid = PatchCore(_settings(distance="euclidean"))
+    euclid.load_state_dict(method.state_dict())
+    euclid.to("cpu").eval()
+    plain = euclid.predict(images[:4], categories[:4])
+    assert torch.allclose(squared.image_scores, plain.image_scores ** 2, rtol=1e-5)
+    # The maps are smoothed after squaring, so they are not the squares of the plain maps.
+    assert not torch.allclose(squared.anomaly_maps, plain.anomaly_maps ** 2, rtol=1e-3)
+
+
 def test_fit_predict_shapes_and_separation(fitted):
     method, context, images, categories, labels = fitted
     out = method.predict(images, categories)
@@ -70,7 +160,8 @@ def test_fit_predict_shapes_and_separation(fitted):
     assert scores[labels == 1].mean() > scores[labels == 0].mean()
     assert context.info["backbone_init"] == "random"
     bank = context.info["memory_bank"]
-    assert bank["coreset"] == round(0.1 * bank["patches"]) == method.bank.shape[0]
+    # The authors' sampler keeps int(N * ratio) patches.
+    assert bank["coreset"] == int(0.1 * bank["patches"]) == method.bank.shape[0]
 
 
 def test_state_dict_round_trip(fitted, tmp_path):
@@ -140,3 +231,27 @@ def test_paper_weights_are_loaded_from_disk(tmp_path, monkeypatch):
     method.fit(train, context)
     assert context.info["backbone_init"] == "imagenet"
     assert torch.equal(method.backbone.state_dict()["conv1.weight"], full.state_dict()["conv1.weight"])
+
+
+def test_v2_weights_are_refused_by_name_and_by_sha256(tmp_path):
+    """The paper used torchvision's V1 file; V2 (another recipe) is refused, also when renamed."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "wide_resnet50_2-9ba9bcbe.pth").write_bytes(b"v2 stand-in")
+    resolver = WeightsResolver(weights)
+    with pytest.raises(WeightsNotFoundError, match="another version"):
+        resolver.resolve(WRN50_V1, {})
+    assert "9ba9bcbe" in WRN50_V1.refuse_sha256
+    # Renamed: a file under the accepted name whose sha256 is a refused one. A real V2 file's digest
+    # starts with 9ba9bcbe; the stand-in's digest is put in the refused list to exercise the check.
+    renamed = weights / "wide_resnet50_2-95faca4d.pth"
+    renamed.write_bytes(b"renamed stand-in")
+    digest = hashlib.sha256(renamed.read_bytes()).hexdigest()
+    file = dataclasses.replace(WRN50_V1, refuse_sha256=(digest[:8],))
+    with pytest.raises(WeightsNotFoundError, match="sha256"):
+        WeightsResolver(weights).resolve(file, {})
+    assert verify(WeightsResolver(weights).locate(file, {}))[0] == "mismatch"
+    # An accepted file is recorded with its sha256.
+    ok = WeightsResolver(weights)
+    assert ok.resolve(WRN50_V1, {}) == renamed
+    assert ok.used[0]["sha256"] == digest

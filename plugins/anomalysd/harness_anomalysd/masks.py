@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from harness.toolkit.foreground import object_foreground
+
 
 def grid_masks(height: int, width: int, k: int, device=None) -> torch.Tensor:
     """The ``k × k`` patch masks of one scale.
@@ -107,10 +109,10 @@ def random_training_mask(foreground: np.ndarray, rng: np.random.Generator, gamma
 def foreground_mask(image: np.ndarray, whole: bool = False, min_fraction: float = 0.02) -> np.ndarray:
     """The object's foreground ``m_f`` of an image (the paper does not say how it obtains it).
 
-    The background colour is the median of the border pixels; a pixel is foreground when its
-    colour distance to it exceeds an Otsu threshold of those distances. Textures (``whole``) and
-    images whose split is degenerate (less than ``min_fraction`` of either side) are all
-    foreground.
+    Objects: :func:`harness.toolkit.foreground.object_foreground` (an Otsu split of the colour
+    distance to the border's median colour, holes filled; the toolkit's one Otsu). Textures
+    (``whole``; the dataset's texture categories) and images whose split is degenerate (less
+    than ``min_fraction`` of the image on either side) are all foreground.
 
     Parameters
     ----------
@@ -118,6 +120,7 @@ def foreground_mask(image: np.ndarray, whole: bool = False, min_fraction: float 
         (3, H, W) float in [0, 1].
     whole : bool
         Treat the whole image as foreground (texture categories).
+    min_fraction : float
 
     Returns
     -------
@@ -127,28 +130,11 @@ def foreground_mask(image: np.ndarray, whole: bool = False, min_fraction: float 
     _, height, width = image.shape
     if whole:
         return np.ones((height, width), dtype=bool)
-    border = np.concatenate([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], axis=1)
-    background = np.median(border, axis=1)
-    dist = np.sqrt(((image - background[:, None, None]) ** 2).sum(0))
-    threshold = otsu_threshold(dist.ravel())
-    fg = dist > threshold
-    fraction = fg.mean()
+    fg = object_foreground(image)
+    fraction = float(fg.mean())
     if fraction < min_fraction or fraction > 1 - min_fraction:
         return np.ones((height, width), dtype=bool)
     return fg
-
-
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold (maximal between-class variance) of a 1-D sample."""
-    hist, edges = np.histogram(values, bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres)
-    mu0 = m0 / np.maximum(w0, 1)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(centres[int(np.argmax(between))])
 
 
 def variance_threshold(values: torch.Tensor) -> torch.Tensor:

@@ -1,106 +1,127 @@
 """AnomalySD as a harness method: few-shot fine-tuning of SD inpainting, mask-proposal inference.
 
+No official code is public: the paper's text is the specification; every value it leaves open
+is a setting whose ``choice`` note says what was chosen and why (:mod:`harness_anomalysd.plugin`).
+
 Fine-tuning (Sec. 4.1), on the k shots of every category at once (one model)
     1. The autoencoder's decoder with ``MSE + β·LPIPS`` (Eq. 9, β = 0.1, AlexNet LPIPS) on
-       reconstructions ``D(E(x))`` of augmented shots (``decoder_epochs``). The ``tiny`` profile,
-       whose autoencoder is random, also trains the encoder (``train_encoder``).
+       reconstructions ``D(E(x))`` of augmented shots (``decoder_epochs``). The ``tiny``
+       profile, whose autoencoder is random, also trains the encoder (``train_encoder``).
     2. The UNet with the inpainting loss (Eq. 8): a foreground-aware random rectangle ``m``
-       (``IoU(m, m_f) > γ``, ``γ ∈ {0, 0.2, 0.5}``), ``z = E(x)``, ``z° = E((1 − m) ⊙ x)``, the mask
-       downsampled to the latent grid, ``t ~ U[0, T)``, and the text embedding of one prompt of
-       the image's category drawn at random (``unet_epochs``). The text encoder is frozen.
-    Adam, learning rate 1e-4, batch 8, 4000 UNet epochs and 200 decoder epochs in ``paper``.
-    Then the prototype banks (Eq. 13): EfficientNet-b6 stage-2 features concatenated with the
-    upsampled stage-3 features of every shot rotated by 0/90/180/270 degrees, one bank per category.
+       (``IoU(m, m_f) > γ``, ``γ ∈ {0, 0.2, 0.5}``; textures, from the dataset's spec, are all
+       foreground), ``z = E(x)``, ``z° = E((1 − m) ⊙ x)``, the mask downsampled to the latent
+       grid, ``t`` uniform over the T steps, and the text embedding of one prompt of the image's
+       category drawn at random (``unet_epochs``). The text encoder is frozen.
+    Adam at 1e-4, batch 8, 4000 UNet and 200 decoder epochs in ``paper``. Each stage runs in
+    ``context.checkpoint.stage`` and draws its batch order, augmentations, masks, noise and
+    timesteps from generators seeded by (job seed, stage, epoch, batch) only, so a fit killed
+    and resumed ends exactly where an uninterrupted one does.
+    3. The prototype banks (Eq. 13): EfficientNet-B6 stage-2 features concatenated with the
+       upsampled stage-3 features of every shot rotated by 0/90/180/270 degrees, per category.
+    4. λ per category on held-out pseudo-validation images (:mod:`harness_anomalysd.selection`;
+       with a held-out split the fine-tuning runs twice: on the rest to choose, on all k shots
+       to keep).
 
 Inference (Secs. 4.2–4.3)
-    Each test image is encoded once; its latent is noised to the step ``λ·T`` of a 50-step DDIM
-    schedule (``noise_strength`` λ, per-category values allowed) and denoised under every mask
-    with the category's averaged prompt embedding (Avg over ``T_c``) as condition:
-    the ``k × k`` grid masks for ``k ∈ scales`` (all masks of one scale, for every image of the
-    batch, go through the UNet together, ``inpaint_batch`` at a time) and the prototype-guided
-    mask (Eq. 15, variance threshold). Distances ``D(x, x̂)`` are LPIPS feature distances (Eq. 17);
-    per-scale maps (Eq. 18), their harmonic mean (Eq. 19), the fusion with the prototype map at
-    α = 0.1 (Eq. 21), a Gaussian of σ = 4; image score = maximum of the map.
+    Each test image is encoded once; its latent is noised to exactly the step ``λ·T`` of its
+    category and denoised by DDIM under every mask (:mod:`harness_anomalysd.sampling`), with
+    the category's averaged prompt embedding (Avg over ``T_c``) as condition: the ``k × k``
+    grid masks for ``k ∈ scales`` and the prototype-guided mask (Eq. 15, variance threshold).
+    ``D(x, x̂)`` are LPIPS feature distances (Eq. 17); per-scale maps (Eq. 18), their harmonic
+    mean ``S_ms`` (Eq. 19), the prototype map ``S_pg`` (Eq. 20) and the fusion at α = 0.1
+    (Eq. 21), a Gaussian of σ = 4; image score = maximum of the map. ``anomaly_map`` selects
+    ``S_ms`` or ``S_pg`` alone (the paper's Table 5 ablation).
 
-Choices where the paper is silent (all settings):
-    - the UNet input order is the checkpoint's, ``[z_t; m̃; z°]`` (diffusers' inpainting
-      pipeline), which the paper writes as ``[z_t; z°; m̃]``; the masked image is
-      ``(1 − m) ⊙ x`` with ``x`` in [-1, 1] (masked pixels grey), as that pipeline does;
-    - DDIM (η = 0) sampling; no classifier-free guidance (``guidance_scale = 1``): the averaged
-      prompt embedding is the condition, as Sec. 4.2 says; every mask of an image starts from the
-      same noise (seeded by ``inference_seed``);
-    - latents are the posterior means ``E(x).mode()`` (deterministic inference);
-    - the foreground ``m_f`` is an Otsu split of the colour distance to the border's median colour
-      (whole image for ``texture_categories``); rectangles have sides of 10–100 % of the image's;
-    - the prototype error is the squared Euclidean distance to the nearest bank feature (Eq. 14);
-      EfficientNet "layers 2 and 3" are timm's feature stages 2 and 3 (strides 8 and 16);
-    - zero-shot (no training image): no fine-tuning and no prototype mask (there is nothing to
-      build prototypes from), ``S_map = S_ms``, as the paper's 0-shot row uses multi-scale masks;
-    - the image score is the maximum of the smoothed map.
+A fast dev run (``--fast-dev-run``) runs the same code with each stage's steps cut to
+:data:`harness.method.FAST_DEV_STEPS`; ``predict`` (and the λ selection, on one category, one
+candidate and two images) uses the first grid scale only and at most that many denoising steps
+per inpainting, so a test image costs 2 inpaintings of 2 UNet steps instead of 86 of 20.
 """
 
 from __future__ import annotations
 
 import time
+import zlib
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
 
 from harness import FitContext, Method, Prediction, TrainSet
-from harness.backbones import create_features, load_pretrained, recalibrate_batchnorm
-from harness.ops import gaussian_blur, imagenet_normalize, nearest_neighbour_distance
+from harness.method import FAST_DEV_STEPS
+from harness.toolkit.backbones import create_features, load_weights, recalibrate_batchnorm
+from harness.toolkit.ops import gaussian_blur, imagenet_normalize, nearest_neighbour_distance
+from harness.toolkit.precision import autocast, grad_scaler
+from harness.toolkit.pseudo_validation import split_holdout
+from harness.weights import sha256_file
+from harness_anomalysd import sampling, selection
 from harness_anomalysd.augment import augment
 from harness_anomalysd.masks import foreground_mask, grid_masks, prototype_mask, random_training_mask
 from harness_anomalysd.prompts import load_prompt_sets
-from harness_anomalysd.scoring import (ALEXNET_FILES, build_lpips, feature_distance, fuse, harmonic_mean,
-                                       load_alexnet_trunk, lpips_features, scale_map)
-from harness_anomalysd.weights import (SDComponents, build_components, character_tokenizer, find_sd_folder,
-                                      load_components, load_tokenizer)
+from harness_anomalysd.scoring import (ALEXNET_SHA256_PREFIX, build_lpips, feature_distance, fuse, harmonic_mean,
+                                       load_alexnet_trunk, lpips_features, lpips_linear_weights, scale_map)
+from harness_anomalysd.networks import build_components, character_tokenizer, load_components, load_tokenizer
 
 #: Tokenizer source recorded in the state when the tokenizer is generated, not read from a folder.
 CHARACTER_TOKENIZER = "character"
 
 
+def _stage_seed(seed: int, stage: str, *parts: int) -> list[int]:
+    """Entropy for a NumPy / torch generator that depends only on the job seed, the stage and ``parts``."""
+    return [int(seed) & 0xFFFFFFFF, zlib.crc32(stage.encode("utf-8")), *[int(p) for p in parts]]
+
+
+def _torch_generator(entropy: Sequence[int]) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.default_rng(list(entropy)).integers(2**62)))
+
+
 class AnomalySD(Method):
     """AnomalySD (Yan et al.): Stable Diffusion inpainting for few-shot multi-class anomaly detection.
 
-    See the module docstring; settings are documented in
-    :data:`harness_anomalysd.plugin.SETTINGS_HELP`.
+    See the module docstring; the settings are :data:`harness_anomalysd.plugin.SETTINGS`.
 
     Parameters
     ----------
-    settings : mapping
-        A resolved profile. Building reads no file, so it works under ``torch.device("meta")``.
+    settings : Settings
+        Resolved settings. Building reads no file, so it works under ``torch.device("meta")``.
     """
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         super().__init__(settings)
         s = self.settings
-        for k in s["scales"]:
-            if self.input_size[0] % int(k) or self.input_size[1] % int(k):
+        for k in s.scales:
+            if self.input_size[0] % k or self.input_size[1] % k:
                 raise ValueError(f"image_size {self.input_size} is not divisible by grid scale {k} (setting 'scales')")
-        sd = build_components(s["architecture"])
+        sd = build_components(s.architecture)
         self.unet, self.vae, self.text_encoder = sd.unet, sd.vae, sd.text_encoder
+        self.text_encoder.requires_grad_(False)
+        if s.gradient_checkpointing:
+            # diffusers recomputes each block's activations in the backward pass (UNet stage and,
+            # for the decoder stage, the autoencoder's blocks).
+            self.unet.enable_gradient_checkpointing()
+            self.vae.enable_gradient_checkpointing()
         self.lpips = build_lpips()
-        self.backbone = create_features(s["backbone"], tuple(s["backbone_layers"]))
-        schedule = dict(num_train_timesteps=int(s["T"]), beta_start=float(s["beta_start"]),
-                        beta_end=float(s["beta_end"]), beta_schedule=s["beta_schedule"])
-        self.train_scheduler = DDPMScheduler(**schedule)
-        self.sampler = DDIMScheduler(**schedule, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        self.uses_prototypes = s.anomaly_map in ("fused", "prototype")
+        self.backbone = create_features(s.backbone, s.backbone_layers) if self.uses_prototypes else None
+        self.abar = sampling.alphas_cumprod()
         self.latent_scale = float(self.vae.config.scaling_factor)
         self.banks: dict[str, torch.Tensor] = {}
+        #: λ chosen per category at fit (overridden by ``noise_strength_per_category``).
+        self.strengths: dict[str, float] = {}
         self.tokenizer_source = CHARACTER_TOKENIZER
+        #: Set by a fast dev run's fit: predict then runs few scales and denoising steps.
+        self.dev_run = False
         self._tokenizer = None
         self._prompt_cache: dict[str, torch.Tensor] = {}
 
     def networks(self) -> Mapping[str, torch.nn.Module]:
-        """UNet, autoencoder, text encoder, LPIPS (AlexNet) and the prototype feature extractor."""
-        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "lpips": self.lpips,
-                "backbone": self.backbone}
+        """UNet, autoencoder, text encoder, LPIPS (AlexNet) and, with prototypes, the feature extractor."""
+        nets = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "lpips": self.lpips}
+        if self.backbone is not None:
+            nets["backbone"] = self.backbone
+        return nets
 
     def to(self, device: torch.device | str) -> "AnomalySD":
         """Move the networks and the prototype banks."""
@@ -109,27 +130,57 @@ class AnomalySD(Method):
         self._prompt_cache = {}
         return self
 
+    def _autocast(self):
+        return autocast(self.device, self.settings.precision)
+
     # ------------------------------------------------------------------ weights and prompts
 
-    def _load_weights(self, context: FitContext) -> None:
-        """Pretrained SD, AlexNet and EfficientNet from disk (``pretrained``), or random networks."""
+    def _load_weights(self, context: FitContext) -> dict[str, Any]:
+        """Pretrained SD, AlexNet and EfficientNet from the declared files, or the random networks.
+
+        ``--weights random`` (``context.random_weights``) and the ``*_pretrained`` settings keep
+        the seeded random initialisation the factory made.
+        """
+        from harness_anomalysd.plugin import ALEXNET, backbone_file, sd_file
+
         s = self.settings
-        if s["pretrained"]:
-            folder = find_sd_folder(context.weights, s["sd_model"], s.get("sd_path") or None)
-            load_components(folder, SDComponents(self.unet, self.vae, self.text_encoder))
+        random = context.random_weights
+        info: dict[str, Any] = {}
+        if s.sd_pretrained and not random:
+            folder = context.weights.resolve(sd_file(s), s)
+            load_components(folder, self)  # type: ignore[arg-type]  # has .unet/.vae/.text_encoder
             self.latent_scale = float(self.vae.config.scaling_factor)
             self.tokenizer_source = str(folder)
-            alexnet = context.weights.find_file(ALEXNET_FILES, "ImageNet AlexNet weights (LPIPS trunk)",
-                                                extra=[s["alexnet_file"]] if s.get("alexnet_file") else [])
-            load_alexnet_trunk(self.lpips, alexnet)
-            backbone = load_pretrained(self.backbone, s["backbone"], context.weights, s.get("backbone_file") or None)
-            context.info.update({"sd_init": "pretrained", "sd_weights": str(folder), "lpips_trunk": str(alexnet),
-                                 "backbone_init": "imagenet", "backbone_weights": str(backbone)})
+            info.update(sd_init="pretrained", sd_weights=str(folder))
         else:
-            context.info.update({"sd_init": "random", "lpips_trunk": "random (lpips pnet_rand=True, package linear "
-                                 "weights)", "backbone_init": "random", "tokenizer": "character vocabulary (514)"})
+            info.update(sd_init="random", tokenizer="character vocabulary (514)")
+        linear = lpips_linear_weights()
+        if linear.is_file():
+            context.weights.note_used(linear, "LPIPS v0.1 AlexNet linear weights (lpips package)", "lpips_linear")
+        if s.lpips_pretrained and not random:
+            path = context.weights.resolve(ALEXNET, s)
+            digest = sha256_file(path)
+            # A file under torchvision's name claims torchvision's hash prefix (as torch.hub checks);
+            # an explicitly named file of another name is taken as given (its sha256 is recorded).
+            if ALEXNET_SHA256_PREFIX in Path(path).name and not digest.startswith(ALEXNET_SHA256_PREFIX):
+                from harness.weights import WeightsVerifyError
+
+                raise WeightsVerifyError(f"{path} has sha256 {digest}; torchvision's ImageNet AlexNet file starts "
+                                         f"with {ALEXNET_SHA256_PREFIX}. Fetch it with 'harness weights pull "
+                                         "--methods anomalysd'.")
+            load_alexnet_trunk(self.lpips, path)
+            info.update(lpips_trunk=str(path))
+        else:
+            info.update(lpips_trunk="random (lpips pnet_rand=True; the package's linear weights)")
+        if self.backbone is not None:
+            if s.backbone_pretrained and not random:
+                path = load_weights(self.backbone, backbone_file(s), context.weights, s)
+                info.update(backbone_init="imagenet", backbone_weights=str(path))
+            else:
+                info.update(backbone_init="random (BatchNorm statistics re-estimated on the shots)")
         self._tokenizer = None
         self._prompt_cache = {}
+        return info
 
     def tokenizer(self):
         """The CLIP tokenizer: the pipeline's (from the folder recorded at fit) or the character one."""
@@ -142,17 +193,20 @@ class AnomalySD(Method):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text-encoder hidden states ``τ(y)`` of each prompt, (n, 77, width)."""
+        """Text-encoder hidden states ``τ(y)`` of each prompt, (n, 77, width), float32."""
         tok = self.tokenizer()
         ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
+        return self.text_encoder(ids)[0].float()
+
+    def prompt_sets(self, categories: Sequence[str]) -> tuple[dict[str, list[str]], list[str]]:
+        """The prompt sets ``T_c`` of ``categories`` and those without a prompt entry."""
+        return load_prompt_sets(sorted(set(categories)), self.settings.prompts_file or None, self.settings.prompt_mode)
 
     def prompt_embedding(self, category: str) -> torch.Tensor:
         """``Avg({τ(y) | y ∈ T_c})``: the averaged embedding of the category's prompts, (77, width)."""
         if category not in self._prompt_cache:
-            s = self.settings
-            sets, _ = load_prompt_sets([category], s.get("prompts_file") or None, s["prompt_mode"])
+            sets, _ = self.prompt_sets([category])
             self._prompt_cache[category] = self.encode_prompts(sets[category]).mean(0)
         return self._prompt_cache[category]
 
@@ -163,162 +217,329 @@ class AnomalySD(Method):
         return self.vae.encode(images * 2 - 1).latent_dist.mode() * self.latent_scale
 
     def encode_masked(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """``z° = E((1 − m) ⊙ x)`` with ``x`` in [-1, 1] (masked pixels become grey)."""
+        """``z° = E((1 − m) ⊙ x)`` with ``x`` in [-1, 1] (masked pixels become grey, as diffusers does)."""
         return self.vae.encode((images * 2 - 1) * (1 - masks[:, None])).latent_dist.mode() * self.latent_scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] from scaled latents."""
-        return ((self.vae.decode(latents / self.latent_scale).sample + 1) / 2).clamp(0, 1)
+        """Images in [0, 1] from scaled latents (float32)."""
+        return ((self.vae.decode(latents / self.latent_scale).sample.float() + 1) / 2).clamp(0, 1)
 
-    def unet_input(self, z_t: torch.Tensor, masks: torch.Tensor, z_masked: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def unet_input(z_t: torch.Tensor, masks: torch.Tensor, z_masked: torch.Tensor) -> torch.Tensor:
         """The 9-channel UNet input in the checkpoint's order ``[z_t; m̃; z°]``."""
-        small = F.interpolate(masks[:, None], size=z_t.shape[-2:], mode="nearest")
-        return torch.cat([z_t, small, z_masked], dim=1)
+        small = F.interpolate(masks[:, None].to(z_t.dtype), size=z_t.shape[-2:], mode="nearest")
+        return torch.cat([z_t, small, z_masked.to(z_t.dtype)], dim=1)
 
     # ------------------------------------------------------------------ fine-tuning
 
-    def _shots(self, train: TrainSet) -> tuple[torch.Tensor, list[str]]:
+    def _augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        s = self.settings
+        return augment(images, generator, s.aug_brightness, s.aug_contrast, s.aug_scale, s.aug_rotation)
+
+    def _batches(self, n: int, seed: int, stage: str, epoch: int) -> list[np.ndarray]:
+        """The batches of one epoch: a permutation that depends only on (seed, stage, epoch)."""
+        order = np.random.default_rng(_stage_seed(seed, stage, epoch)).permutation(n)
+        size = self.settings.train_batch_size
+        return [order[i:i + size] for i in range(0, n, size)]
+
+    def _steps(self, n: int, epochs: int, seed: int, stage: str, position, context: FitContext
+               ) -> Iterator[tuple[int, np.ndarray, np.random.Generator, torch.Generator]]:
+        """``(epoch, batch indices, numpy rng, torch generator)`` of the batches still to run.
+
+        Batches consumed before an interruption are skipped; every generator is seeded by (job
+        seed, stage, epoch, batch), so the data a step sees does not depend on where a run resumed.
+        """
+        for epoch in range(position.epoch, context.epochs(epochs)):
+            for index, idx in enumerate(self._batches(n, seed, stage, epoch)):
+                if position.skip(epoch, index):
+                    continue
+                entropy = _stage_seed(seed, stage, epoch, index)
+                yield epoch, idx, np.random.default_rng(entropy), _torch_generator(entropy)
+                position.step(epoch=epoch, batch=index + 1)
+                if context.stop_early(position.steps):
+                    return
+
+    def train_decoder(self, images: torch.Tensor, context: FitContext, stage: str, carry: Mapping[str, Any]) -> float:
+        """Fine-tune the decoder (and, with ``train_encoder``, the encoder) with Eq. 9; last loss."""
+        s = self.settings
+        params = list(self.vae.decoder.parameters()) + list(self.vae.post_quant_conv.parameters())
+        if s.train_encoder:
+            params += list(self.vae.encoder.parameters()) + list(self.vae.quant_conv.parameters())
+        opt = torch.optim.Adam(params, lr=s.decoder_lr)
+        scaler = grad_scaler(self.device, s.precision)
+        loss_value = float("nan")
+        self.vae.train()
+        with context.checkpoint.stage(stage, vae=self.vae, decoder_optimiser=opt, decoder_scaler=scaler,
+                                      **carry) as position:
+            for _epoch, idx, _rng, generator in self._steps(images.shape[0], s.decoder_epochs, context.seed, stage,
+                                                           position, context):
+                x = self._augment(images[idx], generator) * 2 - 1
+                with self._autocast():
+                    with torch.set_grad_enabled(s.train_encoder):
+                        z = self.vae.encode(x).latent_dist.mode()
+                    recon = self.vae.decode(z).sample
+                    loss = F.mse_loss(recon.float(), x) + s.decoder_lpips_weight * self.lpips(recon, x).float().mean()
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                loss_value = float(loss.detach())
+            if not position.done:
+                position.extra["loss"] = loss_value
+            loss_value = float(position.extra.get("loss", loss_value))
+        self.vae.eval()
+        return loss_value
+
+    def _training_masks(self, images: torch.Tensor, cats: Sequence[str], textures: frozenset[str],
+                        rng: np.random.Generator) -> torch.Tensor:
+        s = self.settings
+        out = []
+        for x, c in zip(images.detach().float().cpu().numpy(), cats):
+            fg = foreground_mask(x, whole=c in textures)
+            mask, _ = random_training_mask(fg, rng, s.mask_gammas, s.mask_side_range)
+            out.append(torch.from_numpy(mask))
+        return torch.stack(out).float().to(self.device)
+
+    def train_unet(self, images: torch.Tensor, cats: Sequence[str], context: FitContext, stage: str,
+                   carry: Mapping[str, Any]) -> float:
+        """Fine-tune the UNet with the inpainting loss (Eq. 8); returns the last loss."""
+        s = self.settings
+        sets, _ = self.prompt_sets(cats)
+        embeddings = {c: self.encode_prompts(p) for c, p in sets.items()}
+        opt = torch.optim.Adam(self.unet.parameters(), lr=s.unet_lr)
+        scaler = grad_scaler(self.device, s.precision)
+        T = len(self.abar)
+        loss_value = float("nan")
+        self.unet.train()
+        with context.checkpoint.stage(stage, unet=self.unet, unet_optimiser=opt, unet_scaler=scaler,
+                                      **carry) as position:
+            for _epoch, idx, rng, generator in self._steps(images.shape[0], s.unet_epochs, context.seed, stage,
+                                                          position, context):
+                x = self._augment(images[idx], generator)
+                batch_cats = [cats[i] for i in idx]
+                masks = self._training_masks(x, batch_cats, context.textures, rng)
+                cond = torch.stack([embeddings[c][int(rng.integers(len(embeddings[c])))] for c in batch_cats])
+                t = rng.integers(0, T, size=x.shape[0])
+                with self._autocast():
+                    with torch.no_grad():
+                        z = self.encode(x).float()
+                        z_masked = self.encode_masked(x, masks)
+                    noise = torch.randn(z.shape, generator=generator).to(self.device)
+                    z_t = sampling.add_noise(z, noise, t, self.abar)
+                    timesteps = torch.from_numpy(t).to(self.device)
+                    pred = self.unet(self.unet_input(z_t, masks, z_masked), timesteps, encoder_hidden_states=cond).sample
+                    loss = F.mse_loss(pred.float(), noise)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                loss_value = float(loss.detach())
+            if not position.done:
+                position.extra["loss"] = loss_value
+            loss_value = float(position.extra.get("loss", loss_value))
+        self.unet.eval()
+        return loss_value
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Eq. 12: ``ψ(x) = [φ2(x); Upsample(φ3(x))]``, (B, D, h, w) on stage 2's grid (float32)."""
+        with self._autocast():
+            f2, f3 = self.backbone(imagenet_normalize(images))[:2]
+        f2, f3 = f2.float(), f3.float()
+        return torch.cat([f2, F.interpolate(f3, size=f2.shape[-2:], mode="bilinear", align_corners=False)], 1)
+
+    @torch.no_grad()
+    def build_banks(self, images: torch.Tensor, cats: Sequence[str], recalibrate: bool) -> None:
+        """Eq. 13: per category, every feature of every rotated shot.
+
+        A random backbone first gets its BatchNorm statistics from these same rotated shots.
+        """
+        angles = self.settings.prototype_rotations
+        rotated = torch.stack([torch.rot90(x, k=angle // 90 % 4, dims=(1, 2)) for x in images for angle in angles])
+        owners = [c for c in cats for _ in angles]
+        if recalibrate:
+            # Nearly equal chunks of at most 16: never a lone image, whose 1 x 1 late stages
+            # BatchNorm cannot normalise.
+            chunks = torch.tensor_split(rotated, max(1, -(-len(rotated) // 16)))
+            recalibrate_batchnorm(self.backbone, (imagenet_normalize(chunk) for chunk in chunks))
+        self.backbone.eval()
+        banks: dict[str, list[torch.Tensor]] = {}
+        for i in range(0, len(rotated), 16):
+            feats = self.features(rotated[i:i + 16])
+            for f, c in zip(feats, owners[i:i + 16]):
+                banks.setdefault(c, []).append(f.flatten(1).T)
+        self.banks = {c: torch.cat(v).contiguous() for c, v in banks.items()}
+
+    def _fine_tune(self, images: torch.Tensor, cats: Sequence[str], context: FitContext, prefix: str,
+                   recalibrate: bool) -> dict[str, Any]:
+        """Decoder stage, UNet stage and prototype banks on ``images``; the stages' last losses."""
+        s = self.settings
+        out: dict[str, Any] = {}
+        out["decoder_loss"] = round(self.train_decoder(images, context, prefix + "decoder", {}), 5)
+        if s.latent_scale == "auto":
+            with torch.no_grad(), self._autocast():
+                std = float(self.vae.encode(images * 2 - 1).latent_dist.mode().float().std())
+            self.latent_scale = 1.0 / max(std, 1e-6)
+        # The UNet stage's checkpoints carry the fine-tuned autoencoder, so a resume inside it
+        # finds the decoder it was trained with.
+        out["unet_loss"] = round(self.train_unet(images, cats, context, prefix + "unet", {"vae": self.vae}), 5)
+        if self.uses_prototypes:
+            self.build_banks(images, cats, recalibrate)
+        return out
+
+    def fit(self, train: TrainSet, context: FitContext) -> None:
+        """Load (or randomly keep) the networks, fine-tune on the shots, build the banks, choose λ.
+
+        With no training image (``--shots 0``) nothing is fine-tuned, no bank is built and λ is
+        ``noise_strength`` (zero-shot, the paper's first row of Table 1).
+        """
+        s = self.settings
+        start = time.perf_counter()
+        self.dev_run = bool(context.fast_dev_run)
+        info: dict[str, Any] = self._load_weights(context)
+        info.update(shots_total=len(train), zero_shot=len(train) == 0, precision=s.precision,
+                    gradient_checkpointing=s.gradient_checkpointing, anomaly_map=s.anomaly_map)
+        random_backbone = self.backbone is not None and (context.random_weights or not s.backbone_pretrained)
+        self.strengths = {}
+        if len(train) == 0:
+            if s.anomaly_map == "prototype":
+                raise ValueError("anomaly_map='prototype' needs shots to build prototype banks (--shots >= 1)")
+            self.eval()
+            info.update(self._denoising_info(train.categories), fit_seconds=round(time.perf_counter() - start, 2))
+            context.info.update(info)
+            return
+        mode = s.lambda_selection
+        fit_part, holdout = (split_holdout(train, s.lambda_holdout_fraction, context.seed, min_fit=1, min_holdout=1)
+                             if mode == "holdout" else (train, train.subset([])))
+        refit = mode == "holdout" and len(holdout) > 0 and s.lambda_refit
+        initial = None
+        if refit:
+            # The final model starts again from the same weights; kept on the host.
+            initial = {name: {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+                       for name, net in (("unet", self.unet), ("vae", self.vae))}
+        images, cats = self._images(fit_part)
+        prefix = "select/" if refit else ""
+        info["fine_tuning"] = self._fine_tune(images, cats, context, prefix, random_backbone)
+        if mode != "fixed":
+            info["noise_strength"] = self._select_strengths(fit_part, holdout, context, prefix)
+        else:
+            info["noise_strength"] = {"selection": "fixed"}
+        if refit:
+            self.unet.load_state_dict(initial["unet"])
+            self.vae.load_state_dict(initial["vae"])
+            self.latent_scale = float(self.vae.config.scaling_factor)
+            del initial
+            all_images, all_cats = self._images(train)
+            info["fine_tuning_selection_model"] = info.pop("fine_tuning")
+            info["fine_tuning"] = self._fine_tune(all_images, all_cats, context, "", random_backbone)
+        info["noise_strength"]["refit_on_all_shots"] = refit
+        _, fallback = self.prompt_sets(train.categories)
+        info["prompt_fallback_categories"] = fallback
+        self.eval()
+        info.update(self._denoising_info(train.categories))
+        info.update(latent_scale=round(self.latent_scale, 6),
+                    prototype_banks={c: int(b.shape[0]) for c, b in self.banks.items()},
+                    fit_seconds=round(time.perf_counter() - start, 2))
+        context.info.update(info)
+        self._prompt_cache = {}
+
+    def _images(self, train: TrainSet) -> tuple[torch.Tensor, list[str]]:
         images, cats = [], []
         for x, c in train.images():
             images.append(x)
             cats.append(c)
+        if not images:
+            return torch.zeros(0, 3, *self.input_size, device=self.device), []
         return torch.stack(images).to(self.device), cats
 
-    def _batches(self, n: int, batch_size: int, rng: np.random.Generator):
-        order = rng.permutation(n)
-        for start in range(0, n, batch_size):
-            yield order[start:start + batch_size]
+    # ------------------------------------------------------------------ λ selection
 
-    def _augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _select_strengths(self, fit_part: TrainSet, holdout: TrainSet, context: FitContext, prefix: str
+                          ) -> dict[str, Any]:
+        """Choose λ per category on pseudo-validation images (:mod:`harness_anomalysd.selection`)."""
         s = self.settings
-        return augment(images, generator, s["aug_brightness"], s["aug_contrast"], tuple(s["aug_scale"]),
-                       float(s["aug_rotation"]))
-
-    def train_decoder(self, images: torch.Tensor, epochs: int, rng, generator, progress) -> float:
-        """Fine-tune the decoder (and, with ``train_encoder``, the encoder) with Eq. 9; last loss."""
-        s = self.settings
-        params = list(self.vae.decoder.parameters()) + list(self.vae.post_quant_conv.parameters())
-        if s["train_encoder"]:
-            params += list(self.vae.encoder.parameters()) + list(self.vae.quant_conv.parameters())
-        opt = torch.optim.Adam(params, lr=float(s["lr_decoder"]))
-        beta = float(s["decoder_lpips_weight"])
-        self.vae.train()
-        loss = torch.zeros(())
-        for _ in progress.epochs(epochs, desc="anomalysd decoder"):
-            for idx in self._batches(images.shape[0], int(s["batch_size"]), rng):
-                x = self._augment(images[idx], generator)
-                with torch.set_grad_enabled(bool(s["train_encoder"])):
-                    z = self.vae.encode(x * 2 - 1).latent_dist.mode()
-                recon = self.vae.decode(z).sample
-                loss = F.mse_loss(recon, x * 2 - 1) + beta * self.lpips(recon, x * 2 - 1).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        self.vae.eval()
-        return float(loss.item())
-
-    def _training_masks(self, images: torch.Tensor, cats: Sequence[str], rng: np.random.Generator) -> torch.Tensor:
-        s = self.settings
-        textures = set(s["texture_categories"])
-        out = []
-        for x, c in zip(images.detach().cpu().numpy(), cats):
-            fg = foreground_mask(x, whole=c in textures)
-            mask, _ = random_training_mask(fg, rng, tuple(s["mask_gammas"]), tuple(s["mask_side_range"]))
-            out.append(torch.from_numpy(mask))
-        return torch.stack(out).float().to(self.device)
-
-    def train_unet(self, images: torch.Tensor, cats: Sequence[str], epochs: int, rng, generator, progress) -> float:
-        """Fine-tune the UNet with the inpainting loss (Eq. 8); returns the last loss."""
-        s = self.settings
-        sets, _ = load_prompt_sets(sorted(set(cats)), s.get("prompts_file") or None, s["prompt_mode"])
-        embeddings = {c: self.encode_prompts(p) for c, p in sets.items()}
-        opt = torch.optim.Adam(self.unet.parameters(), lr=float(s["lr_unet"]))
-        T = int(s["T"])
-        self.unet.train()
-        loss = torch.zeros(())
-        for _ in progress.epochs(epochs, desc="anomalysd unet"):
-            for idx in self._batches(images.shape[0], int(s["batch_size"]), rng):
-                x = self._augment(images[idx], generator)
-                batch_cats = [cats[i] for i in idx]
-                masks = self._training_masks(x, batch_cats, rng)
-                cond = torch.stack([embeddings[c][int(rng.integers(len(embeddings[c])))] for c in batch_cats])
-                with torch.no_grad():
-                    z = self.encode(x)
-                    z_masked = self.encode_masked(x, masks)
-                noise = torch.randn(z.shape, generator=generator).to(z.device)
-                t = torch.from_numpy(rng.integers(0, T, size=z.shape[0])).to(z.device)
-                z_t = self.train_scheduler.add_noise(z, noise, t)
-                pred = self.unet(self.unet_input(z_t, masks, z_masked), t, encoder_hidden_states=cond).sample
-                loss = F.mse_loss(pred, noise)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        self.unet.eval()
-        return float(loss.item())
-
-    @torch.no_grad()
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Eq. 12: ``ψ(x) = [φ2(x); Upsample(φ3(x))]``, (B, D, h, w) on stage 2's grid."""
-        f2, f3 = self.backbone(imagenet_normalize(images))[:2]
-        return torch.cat([f2, F.interpolate(f3, size=f2.shape[-2:], mode="bilinear", align_corners=False)], 1)
-
-    @torch.no_grad()
-    def build_banks(self, images: torch.Tensor, cats: Sequence[str]) -> None:
-        """Eq. 13: per category, every feature of every rotated shot."""
-        banks: dict[str, list[torch.Tensor]] = {}
-        for x, c in zip(images, cats):
-            for angle in self.settings["prototype_rotations"]:
-                rotated = torch.rot90(x, k=int(angle) // 90 % 4, dims=(1, 2))[None]
-                f = self.features(rotated)
-                banks.setdefault(c, []).append(f[0].flatten(1).T)
-        self.banks = {c: torch.cat(v).contiguous() for c, v in banks.items()}
-
-    def fit(self, train: TrainSet, context: FitContext) -> None:
-        """Load (or randomly keep) the networks, fine-tune on the shots, build the prototype banks.
-
-        With no training image (``--shots 0``) nothing is fine-tuned and no bank is built.
-        """
-        s = self.settings
-        start = time.perf_counter()
-        self._load_weights(context)
-        rng = np.random.default_rng(context.seed)
-        generator = torch.Generator().manual_seed(int(context.seed))
-        info: dict[str, Any] = {"shots_total": len(train), "zero_shot": len(train) == 0}
-        if len(train):
-            images, cats = self._shots(train)
-            if not s["pretrained"]:
-                recalibrate_batchnorm(self.backbone, (imagenet_normalize(images[i:i + 16])
-                                                      for i in range(0, len(images), 16)))
-            self.backbone.eval()
-            info["decoder_loss"] = round(self.train_decoder(images, int(s["decoder_epochs"]), rng, generator,
-                                                            context.progress), 5)
-            if s["latent_scale"] == "auto":
-                with torch.no_grad():
-                    std = float(self.vae.encode(images * 2 - 1).latent_dist.mode().std())
-                self.latent_scale = 1.0 / max(std, 1e-6)
-            info["unet_loss"] = round(self.train_unet(images, cats, int(s["unet_epochs"]), rng, generator,
-                                                      context.progress), 5)
-            if s["prototype_masks"]:
-                self.build_banks(images, cats)
-            _, fallback = load_prompt_sets(sorted(set(cats)), s.get("prompts_file") or None, s["prompt_mode"])
-            info["prompt_fallback_categories"] = fallback
-        self.eval()
-        info.update({"latent_scale": round(self.latent_scale, 6), "prototype_banks": {c: int(b.shape[0]) for c, b in
-                                                                                      self.banks.items()},
-                     "fit_seconds": round(time.perf_counter() - start, 2)})
-        context.info.update(info)
-        self._prompt_cache = {}
+        fixed = dict(s.noise_strength_per_category)
+        candidates = list(s.lambda_candidates)
+        per_category = s.lambda_val_per_category
+        held = holdout.by_category()
+        fitted = fit_part.by_category()
+        categories = [c for c in fit_part.categories if c not in fixed]
+        if self.dev_run:
+            # The real selection code on one category, one candidate and two images (an
+            # inpainting of the paper's networks costs minutes on a CPU).
+            categories, candidates, per_category = categories[:1], candidates[:1], 2
+        with context.checkpoint.stage(prefix + "lambda", unet=self.unet, vae=self.vae) as position:
+            if not position.done:
+                sources, images, cats = {}, [], []
+                for c in categories:
+                    source, indices = (holdout, held[c]) if held.get(c) else (fit_part, fitted[c])
+                    sources[c] = "held out (unseen by the model)" if source is holdout else "augmented copies of " \
+                        "the shots the model was fine-tuned on (seen: nothing to hold out)"
+                    for i in indices:
+                        images.append(source[i][0])
+                        cats.append(c)
+                per_cat: dict[str, Any] = {}
+                if images:
+                    val = selection.pseudo_validation(torch.stack(images), cats, per_category,
+                                                      int(context.seed) + 7919, self._augment)
+                    labels = val.labels
+                    results: dict[str, dict[float, dict[str, float]]] = {c: {} for c in categories}
+                    for lam in candidates:
+                        maps = self.anomaly_maps(val.images.to(self.device), val.categories,
+                                                 {c: lam for c in categories})
+                        scores = maps.flatten(1).amax(1)
+                        for c in categories:
+                            idx = torch.tensor([i for i, v in enumerate(val.categories) if v == c])
+                            results[c][lam] = selection.criterion(maps[idx], scores[idx], labels[idx],
+                                                                  val.masks[idx])
+                    for c in categories:
+                        chosen = selection.choose(results[c], s.noise_strength)
+                        per_cat[c] = {"lambda": chosen, "source": sources[c],
+                                      "images": int(sum(v == c for v in val.categories)),
+                                      "candidates": {str(lam): {k: round(v, 4) for k, v in r.items()}
+                                                     for lam, r in results[c].items()}}
+                position.extra["per_category"] = per_cat
+            per_cat = dict(position.extra.get("per_category", {}))
+        self.strengths = {c: float(v["lambda"]) for c, v in per_cat.items()}
+        return {"selection": s.lambda_selection, "criterion": "mean of image and pixel AUROC on pseudo-validation "
+                "images (augmented copies, half with a pasted fragment)", "candidates": candidates,
+                "per_category": per_cat, "held_out": {c: [holdout.samples[i].key for i in v] for c, v in held.items()},
+                "explicit": fixed}
 
     # ------------------------------------------------------------------ inference
 
     def noise_strength(self, category: str) -> float:
-        """λ of ``category`` (``noise_strength_per_category`` overrides ``noise_strength``)."""
-        return float(dict(self.settings["noise_strength_per_category"]).get(category, self.settings["noise_strength"]))
+        """λ of ``category``: ``noise_strength_per_category``, else the chosen one, else ``noise_strength``."""
+        explicit = dict(self.settings.noise_strength_per_category)
+        if category in explicit:
+            return float(explicit[category])
+        return float(self.strengths.get(category, self.settings.noise_strength))
+
+    def timesteps(self, strength: float) -> list[int]:
+        """The timesteps one inpainting visits at ``strength`` (few in a fast dev run)."""
+        s = self.settings
+        steps = sampling.inference_timesteps(strength, s.denoising_steps, s.step_schedule, len(self.abar))
+        return steps[:FAST_DEV_STEPS] if self.dev_run else steps
+
+    def scales(self) -> tuple[int, ...]:
+        """Grid scales used by predict (only the first in a fast dev run)."""
+        return tuple(self.settings.scales[:1]) if self.dev_run else tuple(self.settings.scales)
+
+    def _denoising_info(self, categories: Sequence[str]) -> dict[str, Any]:
+        s = self.settings
+        per_cat = {}
+        for c in categories:
+            lam = self.noise_strength(c)
+            steps = self.timesteps(lam)
+            per_cat[c] = {"lambda": lam, "start_timestep": steps[0] if steps else None,
+                          "start_step_paper": int(round(lam * len(self.abar))), "steps_run": len(steps)}
+        return {"denoising": {"step_schedule": s.step_schedule, "denoising_steps": s.denoising_steps,
+                              "sampler": "DDIM (eta = 0)", "per_category": per_cat, "dev_run_limits": self.dev_run}}
 
     @torch.no_grad()
     def inpaint(self, images: torch.Tensor, masks: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
                 cond: torch.Tensor, strength: float) -> torch.Tensor:
-        """Inpaint ``images`` under ``masks`` starting from step ``λ·T`` (Eq. 11); one batch.
+        """Inpaint ``images`` under ``masks`` starting from exactly the step ``λ·T`` (Eq. 11); one batch.
 
         Parameters
         ----------
@@ -333,37 +554,35 @@ class AnomalySD(Method):
         Returns
         -------
         torch.Tensor
-            (N, 3, H, W) inpainted images in [0, 1].
+            (N, 3, H, W) inpainted images in [0, 1], float32.
         """
-        steps = int(self.settings["num_inference_steps"])
-        self.sampler.set_timesteps(steps, device=latents.device)
-        n_run = min(int(round(steps * strength)), steps)
-        timesteps = self.sampler.timesteps[steps - n_run:]
-        if n_run == 0:
-            return self.decode(latents)
-        z_masked = self.encode_masked(images, masks)
-        z = self.sampler.add_noise(latents, noise, timesteps[:1].repeat(latents.shape[0]))
-        guidance = float(self.settings["guidance_scale"])
-        uncond = None
-        if guidance > 1:
-            uncond = self.encode_prompts([""]).expand(cond.shape[0], -1, -1)
-        for t in timesteps:
-            inp = self.unet_input(self.sampler.scale_model_input(z, t), masks, z_masked)
-            if uncond is None:
-                eps = self.unet(inp, t, encoder_hidden_states=cond).sample
-            else:
-                both = self.unet(torch.cat([inp, inp]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-                eps_u, eps_c = both.chunk(2)
-                eps = eps_u + guidance * (eps_c - eps_u)
-            z = self.sampler.step(eps, t, z).prev_sample
-        return self.decode(z)
+        steps = self.timesteps(strength)
+        with self._autocast():
+            if not steps:
+                return self.decode(latents)
+            z_masked = self.encode_masked(images, masks)
+            z = sampling.add_noise(latents.float(), noise, steps[0], self.abar)
+            guidance = self.settings.guidance_scale
+            uncond = self.encode_prompts([""]).expand(cond.shape[0], -1, -1) if guidance > 1 else None
+            for i, t in enumerate(steps):
+                inp = self.unet_input(z, masks, z_masked)
+                if uncond is None:
+                    eps = self.unet(inp, t, encoder_hidden_states=cond).sample
+                else:
+                    both = self.unet(torch.cat([inp, inp]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+                    eps_u, eps_c = both.float().chunk(2)
+                    eps = eps_u + guidance * (eps_c - eps_u)
+                z = sampling.ddim_step(z.float(), eps.float(), t, steps[i + 1] if i + 1 < len(steps) else None,
+                                       self.abar)
+            return self.decode(z)
 
     def _distances(self, images, feats, masks, latents, noise, cond, strength, owner) -> torch.Tensor:
         """``D(x, x̂)`` for pairs (image ``owner[i]``, mask ``i``), ``inpaint_batch`` at a time; (N, H, W).
 
-        ``feats`` are the images' LPIPS features, computed once and shared by all their masks.
+        ``feats`` are the images' LPIPS features, computed once and shared by all their masks; the
+        distance is computed in float32.
         """
-        chunk = int(self.settings["inpaint_batch"])
+        chunk = self.settings.inpaint_batch
         out = []
         for a in range(0, masks.shape[0], chunk):
             idx = owner[a:a + chunk]
@@ -379,66 +598,73 @@ class AnomalySD(Method):
         Returns
         -------
         dict
-            ``scales`` (list of (B, H, W) ``S^(k)``), ``multi_scale`` (Eq. 19), ``prototype``
-            (Eq. 20 or None), ``prototype_masks`` (or None), ``map`` (Eq. 21).
+            ``scales`` (list of (B, H, W) ``S^(k)``, empty when only the prototype branch runs),
+            ``multi_scale`` (Eq. 19 or None), ``prototype`` (Eq. 20 or None), ``prototype_masks``
+            (or None), ``map`` (Eq. 21, or the one branch ``anomaly_map`` asks for).
         """
         s = self.settings
         b, _, height, width = images.shape
-        latents = self.encode(images)
-        generator = torch.Generator().manual_seed(int(s["inference_seed"]))
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+        with self._autocast():
+            latents = self.encode(images).float()
+        generator = torch.Generator().manual_seed(s.inference_seed)
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         cond = torch.stack([self.prompt_embedding(c) for c in categories])
         feats = lpips_features(self.lpips, images)
-        per_scale = []
-        for k in s["scales"]:
-            masks = grid_masks(height, width, int(k), device=images.device)
-            n = masks.shape[0]
-            # Every (image, patch) pair of the scale in one flat batch, image-major.
-            owner = torch.arange(b, device=images.device).repeat_interleave(n)
-            flat_masks = masks.repeat(b, 1, 1)
-            dist = self._distances(images, feats, flat_masks, latents, noise, cond, strength, owner)
-            per_scale.append(scale_map(masks, dist.view(b, n, height, width)))
-        multi = harmonic_mean(per_scale)
+        per_scale, multi = [], None
+        with_banks = self.uses_prototypes and all(c in self.banks for c in categories)
+        if s.anomaly_map != "prototype" or not with_banks:
+            for k in self.scales():
+                masks = grid_masks(height, width, k, device=images.device)
+                n = masks.shape[0]
+                # Every (image, patch) pair of the scale in one flat batch, image-major.
+                owner = torch.arange(b, device=images.device).repeat_interleave(n)
+                dist = self._distances(images, feats, masks.repeat(b, 1, 1), latents, noise, cond, strength, owner)
+                per_scale.append(scale_map(masks, dist.view(b, n, height, width)))
+            multi = harmonic_mean(per_scale)
         proto, proto_masks = None, None
-        with_bank = [i for i, c in enumerate(categories) if c in self.banks]
-        if s["prototype_masks"] and with_bank and len(with_bank) == b:
+        if with_banks and s.anomaly_map != "multi_scale":
             psi = self.features(images)
             errors = []
             for i, c in enumerate(categories):
-                f = psi[i].flatten(1).T
-                d, _ = nearest_neighbour_distance(f, self.banks[c], k=1)
+                d, _ = nearest_neighbour_distance(psi[i].flatten(1).T, self.banks[c], k=1)
                 errors.append((d[:, 0] ** 2).view(psi.shape[-2:]))
             proto_masks = prototype_mask(torch.stack(errors), (height, width))
             owner = torch.arange(b, device=images.device)
-            dist = self._distances(images, feats, proto_masks, latents, noise, cond, strength, owner)
-            proto = proto_masks * dist
+            proto = proto_masks * self._distances(images, feats, proto_masks, latents, noise, cond, strength, owner)
+        if s.anomaly_map == "prototype" and proto is not None:
+            final = proto
+        elif s.anomaly_map == "multi_scale" or proto is None:
+            final = multi
+        else:
+            final = fuse(multi, proto, s.alpha)
         return {"scales": per_scale, "multi_scale": multi, "prototype": proto, "prototype_masks": proto_masks,
-                "map": fuse(multi, proto, float(s["alpha"]))}
+                "map": final}
+
+    @torch.no_grad()
+    def anomaly_maps(self, images: torch.Tensor, categories: Sequence[str],
+                     strengths: Mapping[str, float] | None = None) -> torch.Tensor:
+        """Smoothed final maps (B, H, W), float32; images grouped by their category's λ."""
+        maps = torch.zeros(images.shape[0], *images.shape[-2:], device=images.device)
+        lams = [float(strengths[c]) if strengths and c in strengths else self.noise_strength(c) for c in categories]
+        for lam in sorted(set(lams)):
+            idx = [i for i, v in enumerate(lams) if v == lam]
+            maps[idx] = self.score_maps(images[idx], [categories[i] for i in idx], lam)["map"].float()
+        return gaussian_blur(maps, self.settings.smoothing_sigma)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, categories: Sequence[str]) -> Prediction:
-        """Anomaly maps (Eq. 21, Gaussian-smoothed) and image scores (their maxima).
-
-        Images are grouped by their category's noise strength λ; all masks of one scale are
-        inpainted together for every image of the group.
-        """
-        images = images.to(self.device).float()
-        maps = torch.zeros(images.shape[0], *images.shape[-2:], device=self.device)
-        strengths = [self.noise_strength(c) for c in categories]
-        for lam in sorted(set(strengths)):
-            idx = [i for i, v in enumerate(strengths) if v == lam]
-            out = self.score_maps(images[idx], [categories[i] for i in idx], lam)
-            maps[idx] = out["map"]
-        maps = gaussian_blur(maps, float(self.settings["smoothing_sigma"]))
+        """Anomaly maps (Eq. 21, Gaussian-smoothed) and image scores (their maxima), float32."""
+        maps = self.anomaly_maps(images.to(self.device).float(), categories)
         return Prediction(maps, maps.flatten(1).amax(1))
 
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """Networks plus banks, latent scale and where the tokenizer comes from."""
+        """Networks plus banks, chosen λ, latent scale, tokenizer source and the dev-run flag."""
         state = super().state_dict()
         state.update({"banks": {c: b.cpu() for c, b in self.banks.items()}, "latent_scale": self.latent_scale,
-                      "tokenizer_source": self.tokenizer_source})
+                      "tokenizer_source": self.tokenizer_source, "strengths": dict(self.strengths),
+                      "dev_run": bool(self.dev_run)})
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -447,6 +673,8 @@ class AnomalySD(Method):
         self.banks = {c: b.to(self.device) for c, b in state["banks"].items()}
         self.latent_scale = float(state["latent_scale"])
         self.tokenizer_source = str(state["tokenizer_source"])
+        self.strengths = {str(c): float(v) for c, v in dict(state.get("strengths", {})).items()}
+        self.dev_run = bool(state.get("dev_run", False))
         self._tokenizer = None
         self._prompt_cache = {}
 

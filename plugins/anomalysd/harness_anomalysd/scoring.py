@@ -20,9 +20,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from harness.toolkit.backbones import read_state
 
-#: File names of torchvision's ImageNet AlexNet weights (the torch hub cache name first).
-ALEXNET_FILES = ("alexnet-owt-7be5be79.pth", "alexnet.pth", "alexnet.safetensors")
+
+#: The torchvision ImageNet AlexNet file (its name carries the first 8 hex digits of its sha256).
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+ALEXNET_SHA256_PREFIX = "7be5be79"
 
 
 def build_lpips() -> torch.nn.Module:
@@ -43,17 +46,11 @@ def build_lpips() -> torch.nn.Module:
     return model.eval()
 
 
-def read_state_file(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` or ``.pth`` file (a ``state_dict`` / ``model`` entry is unwrapped)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def lpips_linear_weights() -> Path:
+    """The LPIPS v0.1 AlexNet calibration weights ``w^(l)`` shipped inside the ``lpips`` package."""
+    import lpips
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return state
+    return Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth"
 
 
 def load_alexnet_trunk(model: torch.nn.Module, path: Path) -> None:
@@ -67,7 +64,7 @@ def load_alexnet_trunk(model: torch.nn.Module, path: Path) -> None:
     ValueError
         When the file lacks a convolution of the trunk (not an AlexNet checkpoint).
     """
-    state = read_state_file(Path(path))
+    state = read_state(Path(path))
     trunk = model.net
     target = trunk.state_dict()
     mapped = {}

@@ -8,13 +8,16 @@ diffusers' conditioning embedding with channels (16, 32, 96, 256) is, layer for 
 authors' ``input_hint_block``.
 
 The SFF block (Fig. 3, the authors' ``down11`` ... ``down33``) fuses the SG encoder's
-second-to-last block (block 3 in SD, the projections 6-8, at twice the resolution) into its last
-block (block 4, projections 9-11): every layer of the last block receives, from every layer of
-the block before, a zero-initialised bias-free 3 x 3 stride-2 convolution, Instance Norm and SiLU;
-the sum passes through one more SiLU. The fused block-4 outputs and the middle-block output are
-what the SD decoder receives (the authors' ``only_mid_control = True``: the skip connections of
-SD decoder block 1, which mirrors encoder block 4, and the middle block); ``"all"`` connects every
-projection, as ControlNet does.
+second-to-last block (block 3 in SD, the outputs 6-8, at twice the resolution) into its last
+block (block 4, outputs 9-11): every layer of the last block receives, from every layer of the
+block before, a zero-initialised bias-free 3 x 3 stride-2 convolution, Instance Norm and SiLU;
+the sum passes through one more SiLU. The authors' ``down{i}{j}`` reads output ``5 + i`` and
+feeds output ``8 + j``; here it is ``sff.paths[j - 1][i - 1]``.
+
+Which SG outputs reach the SD decoder (the authors' ``only_mid_control``): with ``True`` (what
+their ``train.py`` and ``test.py`` set) the middle-block output and the three fused block-4
+outputs, i.e. the skip connections of SD decoder block 1; with ``False`` (the value in their
+``models/diad.yaml``, overridden by both scripts) all 13, as ControlNet.
 
 Frozen / trained (the authors' ``configure_optimizers`` and ``ControlledUnetModel``): the SD
 UNet's input convolution, time embedding, encoder and middle block run frozen; the SG network
@@ -34,15 +37,12 @@ from torch import nn
 _SHARED_CONFIG = ("in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "only_cross_attention",
                   "block_out_channels", "layers_per_block", "downsample_padding", "mid_block_scale_factor",
                   "act_fn", "norm_num_groups", "norm_eps", "cross_attention_dim", "attention_head_dim",
-                  "use_linear_projection", "upcast_attention")
+                  "use_linear_projection", "upcast_attention", "transformer_layers_per_block", "num_attention_heads")
 
 #: UNet parts that stay frozen while DiAD trains (the authors run them under ``no_grad``).
 FROZEN_UNET_PARTS = ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block")
 #: UNet parts DiAD trains (the authors' ``output_blocks`` and ``out``).
 TRAINED_UNET_PARTS = ("up_blocks", "conv_norm_out", "conv_out")
-
-SKIP_CONNECTIONS = ("last_block", "all")
-
 
 def residual_channels(unet_config: Mapping[str, Any]) -> list[int]:
     """Channels of the UNet encoder's skip outputs, in order (input conv, then per level).
@@ -119,16 +119,13 @@ class SemanticGuidedNetwork(nn.Module):
     hint_channels : sequence of int
         Widths of the conv-SiLU stack applied to the input image; one stride-2 convolution per
         entry after the first, so the image arrives at the latent resolution.
-    skip_connections : str
-        ``"last_block"`` (authors) or ``"all"``; see the module docstring.
+    only_mid_control : bool
+        The authors' switch (see the module docstring).
     """
 
     def __init__(self, unet_config: Mapping[str, Any], hint_channels: Sequence[int],
-                 skip_connections: str = "last_block") -> None:
+                 only_mid_control: bool = True) -> None:
         super().__init__()
-        if skip_connections not in SKIP_CONNECTIONS:
-            raise ValueError(f"setting 'sg_skip_connections' must be one of {SKIP_CONNECTIONS}, "
-                             f"not {skip_connections!r}")
         if len(unet_config["block_out_channels"]) < 2:
             raise ValueError("the SFF block needs a UNet with at least two levels")
         kwargs = {k: unet_config[k] for k in _SHARED_CONFIG if k in unet_config}
@@ -137,7 +134,7 @@ class SemanticGuidedNetwork(nn.Module):
         channels = residual_channels(unet_config)
         b = self.block_size
         self.sff = SFFBlock(channels[-2 * b:-b], channels[-b:])
-        self.skip_connections = skip_connections
+        self.only_mid_control = bool(only_mid_control)
 
     def copy_unet_encoder(self, unet: UNet2DConditionModel) -> None:
         """Initialise the copy from the SD UNet (the authors' ``build_model.py``): input conv,
@@ -146,9 +143,25 @@ class SemanticGuidedNetwork(nn.Module):
         for part in ("conv_in", "time_embedding", "down_blocks", "mid_block"):
             getattr(self.controlnet, part).load_state_dict(getattr(unet, part).state_dict())
 
-    def forward(self, latents: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor,
-                context: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Residuals for the SD UNet.
+    @torch.no_grad()
+    def reset_new_parts(self, seed: int) -> None:
+        """Seeded fresh initialisation of what is not copied from SD (the authors' ``scratch_dict``):
+        the hint stack (default init, its last convolution zero), the zero projections and the SFF
+        block (zero)."""
+        embedding = self.controlnet.controlnet_cond_embedding
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            for conv in [embedding.conv_in, *embedding.blocks]:
+                conv.reset_parameters()
+        zero = [embedding.conv_out, *self.controlnet.controlnet_down_blocks, self.controlnet.controlnet_mid_block]
+        zero += [path[0] for paths in self.sff.paths for path in paths]
+        for module in zero:
+            for p in module.parameters():
+                p.zero_()
+
+    def controls(self, latents: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor,
+                 context: torch.Tensor) -> list[torch.Tensor]:
+        """The 13 control tensors in the authors' order (12 encoder outputs, SFF-fused, then the middle block).
 
         Parameters
         ----------
@@ -160,21 +173,41 @@ class SemanticGuidedNetwork(nn.Module):
             (B,) diffusion steps.
         context : torch.Tensor
             Cross-attention context (B, 77, D).
-
-        Returns
-        -------
-        (list of torch.Tensor, torch.Tensor)
-            The skip residuals (zeros where not connected) and the middle-block residual, for
-            ``UNet2DConditionModel(down_block_additional_residuals=..., mid_block_additional_residual=...)``.
         """
         down, mid = self.controlnet(latents, timesteps, encoder_hidden_states=context, controlnet_cond=hint,
                                     return_dict=False)
         down = list(down)
         b = self.block_size
         down[-b:] = self.sff(down[-2 * b:-b], down[-b:])
-        if self.skip_connections == "last_block":
+        return down + [mid]
+
+    def residuals(self, controls: Sequence[torch.Tensor], only_mid_control: bool | None = None
+                  ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The controls as ``UNet2DConditionModel`` residuals, zero where not connected.
+
+        Returns
+        -------
+        (list of torch.Tensor, torch.Tensor)
+            For ``down_block_additional_residuals`` and ``mid_block_additional_residual``.
+        """
+        only_mid = self.only_mid_control if only_mid_control is None else bool(only_mid_control)
+        down, mid = list(controls[:-1]), controls[-1]
+        if only_mid:
+            b = self.block_size
+            # Zeros instead of absent tensors: diffusers adds every residual; x + 0 is exact.
             down[:-b] = [torch.zeros_like(d) for d in down[:-b]]
         return down, mid
+
+    def forward(self, latents: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor,
+                context: torch.Tensor, only_mid_control: bool | None = None
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Residuals for the SD UNet: :meth:`controls` passed through :meth:`residuals`."""
+        return self.residuals(self.controls(latents, hint, timesteps, context), only_mid_control)
+
+
+def trained_unet_parts(unet: UNet2DConditionModel) -> nn.ModuleDict:
+    """The UNet parts DiAD trains, as one module (what a training checkpoint keeps of the UNet)."""
+    return nn.ModuleDict({part: getattr(unet, part) for part in TRAINED_UNET_PARTS})
 
 
 def freeze_unet_encoder(unet: UNet2DConditionModel) -> list[nn.Parameter]:
@@ -205,5 +238,5 @@ class PromptContext(nn.Module):
         return self.embedding.expand(batch, -1, -1)
 
 
-__all__ = ["SFFBlock", "SemanticGuidedNetwork", "PromptContext", "freeze_unet_encoder", "residual_channels",
-           "FROZEN_UNET_PARTS", "TRAINED_UNET_PARTS", "SKIP_CONNECTIONS"]
+__all__ = ["SFFBlock", "SemanticGuidedNetwork", "PromptContext", "freeze_unet_encoder", "trained_unet_parts",
+           "residual_channels", "FROZEN_UNET_PARTS", "TRAINED_UNET_PARTS"]

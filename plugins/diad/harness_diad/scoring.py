@@ -1,15 +1,17 @@
 """DiAD's scoring: feature distances between input and reconstruction, and the image score.
 
 Anomaly map (the authors' ``test.py`` with ``cal_anomaly_map(..., amap_mode='a')``)
-    The input and its reconstruction pass through the same ImageNet ResNet-50; at each chosen
-    stage (f2-f4: 64 x 64, 32 x 32, 16 x 16 for a 256 x 256 input) the map is one minus the
-    channel-wise cosine similarity, upsampled bilinearly (``align_corners=True``) to the input size;
-    the maps are summed and smoothed with a Gaussian of sigma 5 px (SciPy's filter).
+    The input and its reconstruction pass through the same ImageNet ResNet-50 (timm's
+    ``resnet50.a1_in1k``); at each chosen stage (f2-f4: 64 x 64, 32 x 32, 16 x 16 for a 256 x 256
+    input) the map is one minus the channel-wise cosine similarity, upsampled bilinearly
+    (``align_corners=True``) to the input size; the maps are summed and smoothed with a Gaussian
+    of sigma 5 px (SciPy's filter).
 Image score (paper, "8 rounds of ... average pooling with a size of 8 x 8")
     The smoothed map is average-pooled 8 times with an 8 x 8 window at stride 1 (a 256 map
     shrinks to 200 x 200; the appendix ablation notes that its best settings all end at that
-    size, which only stride 1 gives) and the maximum is taken. A map smaller than the window stops
-    the pooling early.
+    size, which only stride 1 gives) and the maximum is taken:
+    :func:`harness.toolkit.scoring.pooled_max`, the harness's one implementation (the authors'
+    ``EvalImageMax`` in ``utils/eval_helper.py``).
 """
 
 from __future__ import annotations
@@ -46,29 +48,4 @@ def feature_distance_map(inputs: Sequence[torch.Tensor], recons: Sequence[torch.
     return total
 
 
-def pooled_max_score(maps: torch.Tensor, kernel: int = 8, rounds: int = 8) -> torch.Tensor:
-    """Image scores: the maximum after ``rounds`` successive ``kernel`` x ``kernel`` average poolings.
-
-    Parameters
-    ----------
-    maps : torch.Tensor
-        (B, H, W) anomaly maps.
-    kernel : int
-        Pooling window (stride 1, no padding).
-    rounds : int
-        Number of successive poolings; stops early when the map gets smaller than the window.
-
-    Returns
-    -------
-    torch.Tensor
-        (B,).
-    """
-    x = maps[:, None].float()
-    for _ in range(int(rounds)):
-        if min(x.shape[-2:]) < kernel:
-            break
-        x = F.avg_pool2d(x, int(kernel), stride=1)
-    return x.flatten(1).amax(dim=1)
-
-
-__all__ = ["feature_distance_map", "pooled_max_score"]
+__all__ = ["feature_distance_map"]

@@ -1,169 +1,118 @@
-"""Finding and reading Stable Diffusion v1.5 (UNet, autoencoder, text encoder) from disk.
+"""Reading Stable Diffusion v1.5, the authors' checkpoints and the LPIPS trunk into DiAD's networks.
 
-Three layouts are accepted, tried in this order:
+Stable Diffusion is read from the file the spec declares (:mod:`harness_diad.weightfiles`,
+resolved by ``context.weights``; nothing is downloaded):
 
-1. the ``sd_path`` setting: a diffusers folder or a single checkpoint file;
-2. a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``): ``<weights dir>/stable-diffusion-v1-5``
-   or the Hugging Face cache snapshot of ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (or the
-   older ``runwayml/stable-diffusion-v1-5``);
-3. the original single-file checkpoint ``v1-5-pruned.ckpt`` (the file the authors'
-   ``build_model.py`` reads; ``.safetensors`` and the ``-emaonly`` variants too) in the weights
-   directory or the torch hub cache.
+- a single-file checkpoint (``v1-5-pruned.ckpt``, the authors' choice) through the converter of
+  :mod:`harness_diad.convert` (diffusers' own LDM conversion functions), which takes the
+  non-EMA weights as the authors' ``build_model.py`` does;
+- a diffusers folder (``sd_path``) with ``from_pretrained(local_files_only=True)``.
 
-A folder is read with ``from_pretrained(local_files_only=True)``; a single file with diffusers'
-``from_single_file`` given the architecture's original LDM configuration
-(:func:`harness_diad.architectures.ldm_config`), so no configuration is fetched from the Hub. The
-CLIP text encoder of a single file is read from its ``cond_stage_model.transformer.`` tensors.
-The weights are then copied into the profile's networks with strict state-dict loads, so a
-checkpoint of another architecture is refused with the tensors named. Nothing is downloaded.
+Every network is then filled with a strict load, so a checkpoint of another architecture is
+refused with the tensors named.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from harness import WeightsNotFoundError
-from harness.weights import WeightsResolver
-from harness_diad.architectures import CLIP_BOS, CLIP_EOS, CLIP_LENGTH, ldm_config
+from harness_diad.architectures import CLIP_BOS, CLIP_EOS, CLIP_LENGTH, Architecture
+from harness_diad.convert import AuthorsState, ConversionError, convert_authors_state, load_strict, read_checkpoint
 
-#: Hugging Face repositories holding SD v1.5 in the diffusers layout (current name first).
-SD_REPOS = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5")
-#: File names of the original single-file checkpoint.
-SD_FILES = ("v1-5-pruned.ckpt", "v1-5-pruned.safetensors", "v1-5-pruned-emaonly.ckpt",
-            "v1-5-pruned-emaonly.safetensors")
 #: Subfolders of a diffusers folder that DiAD reads.
 COMPONENTS = ("unet", "vae", "text_encoder")
-#: Prefix of the CLIP text encoder's tensors in an LDM checkpoint.
-CLIP_PREFIX = "cond_stage_model.transformer."
 
 
 @dataclass
 class SDWeights:
-    """The three SD networks read from disk, and where they came from."""
+    """Stable Diffusion's UNet, autoencoder and text encoder state, and where they came from."""
 
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
+    unet: dict
+    vae: dict
     text_encoder: CLIPTextModel
     source: Path
     layout: str
+    schedule: dict
 
 
-def find_sd(resolver: WeightsResolver, sd_path: str | None = None) -> tuple[Path, str]:
-    """Where SD v1.5 is on disk: ``(path, "folder" | "single_file")``.
-
-    Raises
-    ------
-    WeightsNotFoundError
-        Naming every place searched, the files expected and the ``tiny`` profile; or, for a
-        folder that lacks a component, the missing subfolders.
-    """
-    if sd_path:
-        path = Path(sd_path).expanduser()
-        if path.is_file():
-            return path, "single_file"
-        if path.is_dir():
-            return _check_folder(path), "folder"
-        raise WeightsNotFoundError(f"setting 'sd_path' names {path}, which does not exist: give a diffusers "
-                                   f"folder of Stable Diffusion v1.5 or the file v1-5-pruned.ckpt")
-    errors = []
-    for repo in SD_REPOS:
-        try:
-            return _check_folder(resolver.find_hf_model(repo, f"Stable Diffusion v1.5 ({repo})")), "folder"
-        except WeightsNotFoundError as exc:
-            errors.append(str(exc).split("\n")[0])
-    try:
-        return resolver.find_file(SD_FILES, "Stable Diffusion v1.5 single-file checkpoint"), "single_file"
-    except WeightsNotFoundError as exc:
-        raise WeightsNotFoundError(
-            "Stable Diffusion v1.5 weights not found. Tried the diffusers folders:\n  - " + "\n  - ".join(errors)
-            + f"\nand the single file: {exc}\nSet 'sd_path' (--set sd_path=...) to a folder or file elsewhere.") from None
-
-
-def _check_folder(folder: Path) -> Path:
-    missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
-    if missing:
-        raise WeightsNotFoundError(
-            f"{folder} is not a complete diffusers Stable Diffusion folder: it lacks {', '.join(missing)}/. "
-            "Save it with StableDiffusionPipeline.save_pretrained or put v1-5-pruned.ckpt in the weights "
-            "directory; or use --profile tiny.")
-    return folder
-
-
-def read_sd(path: Path, layout: str, arch: Mapping[str, Any]) -> SDWeights:
-    """Read the UNet, autoencoder and text encoder from ``path`` (see :func:`find_sd`).
-
-    Parameters
-    ----------
-    path : Path
-    layout : str
-        ``"folder"`` or ``"single_file"``.
-    arch : mapping
-        The profile's architecture (:data:`harness_diad.architectures.ARCHITECTURES`); a single
-        file is converted with its LDM configuration.
-    """
-    if layout == "folder":
+def read_sd(path: Path, arch: Architecture) -> SDWeights:
+    """Read SD v1.5 from a single file or a diffusers folder (see the module docstring)."""
+    path = Path(path)
+    if path.is_dir():
+        missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+        if missing:
+            raise ConversionError(f"{path} is not a complete diffusers Stable Diffusion folder: it lacks "
+                                  f"{', '.join(missing)}/ (or set sd_path to v1-5-pruned.ckpt)")
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
         text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
-        return SDWeights(unet, vae, text, path, layout)
-    from diffusers.loaders.single_file_utils import load_single_file_checkpoint
-
-    checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
-    checkpoint = checkpoint.get("state_dict", checkpoint)
-    original = ldm_config(arch)
-    unet = UNet2DConditionModel.from_single_file(checkpoint, original_config=original, local_files_only=True)
-    vae = AutoencoderKL.from_single_file(checkpoint, original_config=original, local_files_only=True)
-    clip = {k[len(CLIP_PREFIX):]: v for k, v in checkpoint.items() if k.startswith(CLIP_PREFIX)}
-    if not clip:
-        raise WeightsNotFoundError(f"{path} holds no CLIP text encoder ({CLIP_PREFIX}*): is it a Stable "
-                                   "Diffusion v1 checkpoint?")
-    text = CLIPTextModel(CLIPTextConfig(**arch["text_encoder"]))
-    clip.pop("text_model.embeddings.position_ids", None)  # a buffer some exports carry, not a weight
-    _strict_copy(text, clip, f"{path} ({CLIP_PREFIX}*)")
-    return SDWeights(unet, vae, text, path, layout)
+        return SDWeights(unet.state_dict(), vae.state_dict(), text, path, "folder", {})
+    converted = convert_authors_state(read_checkpoint(path), arch)
+    if converted.unet is None or converted.vae is None or converted.text_encoder is None:
+        raise ConversionError(f"{path} is not a Stable Diffusion v1 checkpoint: it lacks the UNet, the autoencoder "
+                              "or the CLIP text encoder (model.diffusion_model.*, first_stage_model.*, "
+                              "cond_stage_model.transformer.*)")
+    return SDWeights(converted.unet, converted.vae, text_encoder(arch, converted), path, "single_file",
+                     converted.schedule)
 
 
-def _strict_copy(target: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
-    own = target.state_dict()
-    state = {k: v for k, v in state.items() if not (k.endswith("position_ids") and k not in own)}
-    try:
-        target.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise WeightsNotFoundError(f"{where} does not match the profile's architecture (set 'architecture' to "
-                                   f"the checkpoint's): {str(exc).splitlines()[0]}") from None
-
-
-def copy_into(weights: SDWeights, unet: UNet2DConditionModel, vae: AutoencoderKL) -> None:
-    """Copy the read UNet and autoencoder into the profile's networks (strictly)."""
-    _strict_copy(unet, weights.unet.state_dict(), f"{weights.source} (UNet)")
-    _strict_copy(vae, weights.vae.state_dict(), f"{weights.source} (autoencoder)")
+def text_encoder(arch: Architecture, converted: AuthorsState) -> CLIPTextModel:
+    """The CLIP text encoder of a converted checkpoint (strict)."""
+    if arch.text_encoder is None:
+        raise ConversionError("this architecture has no text encoder (its context is given directly)")
+    model = CLIPTextModel(CLIPTextConfig(**arch.text_encoder))
+    load_strict(model, converted.text_encoder, "the checkpoint's CLIP text encoder (cond_stage_model.transformer.*)")
+    return model
 
 
 @torch.no_grad()
-def empty_prompt_context(text_encoder: CLIPTextModel) -> torch.Tensor:
+def empty_prompt_context(text: CLIPTextModel) -> torch.Tensor:
     """The text encoder's last hidden state for the empty prompt, (1, 77, D).
 
     The ids are CLIP's start-of-text token followed by end-of-text tokens (SD v1's tokenizer pads
-    with end-of-text), i.e. what ``tokenizer("", padding="max_length")`` gives.
+    with end-of-text), i.e. what ``tokenizer("", padding="max_length")`` gives, which the
+    authors' ``FrozenCLIPEmbedder`` encodes.
     """
     ids = torch.full((1, CLIP_LENGTH), CLIP_EOS, dtype=torch.long)
     ids[0, 0] = CLIP_BOS
-    text_encoder.eval()
-    return text_encoder(input_ids=ids.to(text_encoder.device)).last_hidden_state
+    text.eval()
+    return text(input_ids=ids.to(text.device)).last_hidden_state
 
 
-def random_text_encoder(arch: Mapping[str, Any], seed: int) -> CLIPTextModel:
-    """A seeded, randomly initialised text encoder of ``arch`` (the ``tiny`` profile's context source)."""
+def random_text_encoder(arch: Architecture, seed: int) -> CLIPTextModel:
+    """A seeded, randomly initialised text encoder of ``arch``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        return CLIPTextModel(CLIPTextConfig(**arch["text_encoder"]))
+        return CLIPTextModel(CLIPTextConfig(**arch.text_encoder))
 
 
-__all__ = ["SDWeights", "find_sd", "read_sd", "copy_into", "empty_prompt_context", "random_text_encoder",
-           "SD_REPOS", "SD_FILES", "COMPONENTS"]
+def lpips_vgg(vgg_state: dict[str, Any] | None, pretrained_heads: bool = True) -> torch.nn.Module:
+    """LPIPS-VGG (the ``lpips`` package, equal to taming's ``LPIPS``) with its VGG-16 trunk from ``vgg_state``.
+
+    ``vgg_state`` is torchvision's VGG-16 state dict; None keeps a random trunk (``--weights
+    random``), and ``pretrained_heads=False`` random linear heads too, so no file is read.
+    """
+    import lpips
+
+    model = lpips.LPIPS(net="vgg", pretrained=pretrained_heads, pnet_rand=True, verbose=False)
+    if vgg_state is not None:
+        # LPIPS splits torchvision's vgg16.features into slices that keep the layer indices as names.
+        mapped = {}
+        for name, module in model.net.named_children():
+            for index, _ in module.named_children():
+                for suffix in ("weight", "bias"):
+                    key = f"features.{index}.{suffix}"
+                    if key in vgg_state:
+                        mapped[f"{name}.{index}.{suffix}"] = vgg_state[key]
+        load_strict(model.net, mapped, "the VGG-16 weights (LPIPS trunk)")
+    return model.eval().requires_grad_(False)
+
+
+__all__ = ["SDWeights", "read_sd", "text_encoder", "empty_prompt_context", "random_text_encoder", "lpips_vgg",
+           "COMPONENTS"]

@@ -1,52 +1,113 @@
-"""DiffusionAD as a harness method: training on synthetic anomalies, one-step denoising inference.
+"""DiffusionAD as a harness method: joint training on synthetic anomalies, one-step denoising inference.
 
-Training (per batch, following the authors' ``train.py``)
-    Half of the batch gets a synthetic anomaly (:mod:`harness_diffusionad.synthesis`). Every image
-    ``x`` (in [-1, 1]) is noised at a low level ``t_n ~ U[0, normal_t_range)`` and a high level
-    ``t_h ~ U[normal_t_range, T)``; the UNet predicts the noise at both. The noise loss is the MSE
-    at both levels over the *normal* images only (zero if there are none). The norm-guided
-    estimate of the clean image (below) and the input are fed to the segmentation network, whose
-    output is compared with the synthetic mask by ``focal_weight * focal + smooth_l1_weight *
-    smooth L1``. Both networks are trained jointly on the sum, each with its own Adam optimiser
-    (code: 1e-4 for the UNet, 1e-5 for the segmentation net, whose learning rate follows a cosine
-    schedule restarted every ``2 * seg_cosine_tmax`` steps, as the code's ``CosineAnnealingLR``
-    stepped per batch does).
+Diffusion arithmetic (the authors' ``models/DDPM.py``)
+    Images are diffused in [0, 1], as the authors' data loaders give them (``pixel_range="unit"``;
+    ``"symmetric"`` maps them to [-1, 1] first, the DDPM convention). The schedule has ``T`` linear
+    betas from ``beta_start`` to ``beta_end`` (scaled by 1000 / T as the authors'
+    ``get_beta_schedule``), computed in float64 and cast to float32 when used.
+    ``q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` and the one-step estimate
+    ``x0_hat = clamp(sqrt(1 / abar_t) x_t - sqrt(1 / abar_t - 1) eps_theta, -1, 1)``; the clamp to
+    [-1, 1] (not [0, 1]) is the authors', kept in both ranges.
 
-Inference
-    The query is noised to the two ``levels`` (fresh Gaussian noise, seeded) and the UNet gives a
-    one-step estimate of the clean image at each. ``combination`` selects how they are combined:
+Training (``training="norm_guided"``: the authors' ``train.py`` and ``norm_guided_one_step_denoising``)
+    Batches come from DataLoader workers (:mod:`harness_diffusionad.synthesis`): each image is
+    replaced by a synthetic anomaly with probability 1/2 (``anomaly_sampling="coin"``; ``"half"``
+    makes exactly half of every batch synthetic, as the paper's text: 3 normal and 3 synthetic).
+    Every image is noised at ``t_n ~ U[0, normal_t_range)`` and ``t_h ~ U[normal_t_range, T)``; the
+    noise loss is the per-image MSE at both levels, summed, averaged over the *normal* images only
+    (``noise_loss_on="normal"``; zero when a batch has none). The estimate from ``t_h`` is
+    re-noised to ``t_n`` with ``t_n``'s predicted noise and the difference to the actual noisy
+    input corrects that noise (the norm guidance, below); the segmentation network gets
+    (image, norm-guided estimate) and is trained with ``focal_weight * focal + smooth_l1_weight
+    * smooth L1`` against the synthetic mask. Both networks are trained jointly on the sum, each
+    with its own Adam (1e-4 UNet, 1e-5 segmentation), the segmentation learning rate following
+    ``CosineAnnealingLR(T_max=10)`` stepped every batch, as the authors' code.
+    ``training="single_level"`` is Algorithm 1 of the paper's text instead: one level
+    ``t ~ U[1, T)``, segmentation on the plain one-step estimate (with ``noise_loss_on="all"``,
+    Eq. 6's noise loss on every image).
 
-    - ``"norm_guided"`` (authors' code, the ``paper`` profile, levels (200, 400)): the estimate
-      from the higher level is re-noised to the lower level with the lower level's predicted
-      noise; the difference to the actual noisy image at the lower level corrects the predicted
-      noise, ``eps_hat = eps_n - sqrt(1 - abar_n) * w * (x_h->n - x_n)``, and one segmentation is
-      run on (query, x0(eps_hat)).
-    - ``"average"`` (the paper's text, levels (100, 200)): the segmentation is run on (query,
-      x0 estimate) at each level and the two maps are averaged.
+Inference (``eval.py``, ``norm_guided_one_step_denoising_eval``)
+    The query is noised to the two ``levels`` with fresh Gaussian noise (seeded by
+    ``inference_seed`` for every ``predict`` call; the lower level's noise is drawn first) and the
+    UNet predicts both noises. ``combination="norm_guided"`` (code, levels 200 / 400):
+    ``eps_hat = eps_n - sqrt(1 - abar_n) w (q(x0_hat_h, t_n, eps_n) - x_n)`` and one segmentation
+    of (query, x0_hat(eps_hat)); ``combination="average"`` (the paper's text, levels 100 / 200):
+    the segmentations of (query, x0_hat) at both levels, averaged. The map is the segmentation
+    output at the input size; the image score the mean of its ``top_k`` (50) largest values.
 
-    The anomaly map is the segmentation output at the input size; the image score is the mean of
-    its ``top_k`` (50) largest values.
-
-The paper says levels 100 and 200 with averaging, the code uses 200 and 400 with the norm-guided
-combination; ``paper`` follows the code, and both choices are settings. The noise schedule (T =
-1000, linear betas 1e-4 to 0.02) comes from diffusers' ``DDPMScheduler``.
+The ``paper`` profile follows the authors' code (``args/args1.json``) where it and the paper's
+text disagree; the ``paper_text`` profile follows the text (500 epochs, batch 6 = 3 + 3,
+one learning rate 1e-4, Algorithm 1 training, two augmentations, levels 100 / 200 averaged).
+The authors select their released checkpoint on the *test set* (``train.py`` evaluates every 50
+epochs and keeps the best image + pixel AUROC); a reproduction here keeps the final epoch. Their
+checkpoints can be scored as they are with ``official_checkpoints`` (training is skipped).
 """
 
 from __future__ import annotations
 
 import time
+import warnings
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 
 from harness import FitContext, Method, Prediction, TrainSet
+from harness.errors import HarnessError, HarnessWarning, WeightsNotFoundError
+from harness.toolkit.precision import autocast, grad_scaler
 from harness_diffusionad.networks import SegmentationSubNetwork, build_denoiser
-from harness_diffusionad.synthesis import TextureSource, synthesize_batch
+from harness_diffusionad.synthesis import (DTD_URL, AnomalyTrainingSet, EpochBatches, ForegroundMasks,
+                                           SynthesisConfig, SynthesisSourceError, TextureSource)
 
-COMBINATIONS = ("norm_guided", "average")
+#: Training images per batch in a fast dev run: the paper's batch of 16 at 256 px needs tens of
+#: GB for the backward pass on a CPU; the GPU check measures the full batch.
+FAST_DEV_TRAIN_BATCH = 2
+
+
+def linear_betas(steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    """The authors' linear schedule: ``linspace(s * beta_start, s * beta_end, steps)`` in float64, ``s = 1000 / steps``."""
+    scale = 1000 / steps
+    return np.linspace(scale * beta_start, scale * beta_end, steps, dtype=np.float64)
+
+
+class Schedule:
+    """Coefficients of the forward process, in float64, cast to float32 where used (as the authors').
+
+    Parameters
+    ----------
+    betas : numpy.ndarray
+        (T,) float64.
+    """
+
+    def __init__(self, betas: np.ndarray) -> None:
+        self.betas = np.asarray(betas, dtype=np.float64)
+        abar = np.cumprod(1.0 - self.betas)
+        self.alphas_cumprod = abar
+        self._coef = {
+            "sqrt_abar": np.sqrt(abar), "sqrt_one_minus_abar": np.sqrt(1.0 - abar),
+            "sqrt_recip_abar": np.sqrt(1.0 / abar), "sqrt_recipm1_abar": np.sqrt(1.0 / abar - 1),
+        }
+        self._tensors = {k: torch.from_numpy(v) for k, v in self._coef.items()}
+
+    @property
+    def steps(self) -> int:
+        """T."""
+        return len(self.betas)
+
+    def coef(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Coefficient ``name`` at timesteps ``t`` (B,), float32, shaped to broadcast against ``like``."""
+        values = self._tensors[name].to(t.device)[t].float()
+        return values.view(-1, *([1] * (like.dim() - 1))).to(like.device)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``."""
+        return self.coef("sqrt_abar", t, x0) * x0 + self.coef("sqrt_one_minus_abar", t, x0) * noise
+
+    def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """One-step estimate of the clean image, clamped to [-1, 1] as the authors'."""
+        return (self.coef("sqrt_recip_abar", t, x_t) * x_t - self.coef("sqrt_recipm1_abar", t, x_t) * eps).clamp(-1, 1)
 
 
 def top_k_mean(maps: torch.Tensor, k: int = 50) -> torch.Tensor:
@@ -69,14 +130,14 @@ def top_k_mean(maps: torch.Tensor, k: int = 50) -> torch.Tensor:
 
 
 def binary_focal_loss(pred: torch.Tensor, target: torch.Tensor, alpha: float = 0.5, gamma: float = 4.0) -> torch.Tensor:
-    """Focal loss on probabilities (not logits), averaged over pixels.
+    """Focal loss on probabilities (not logits), averaged over pixels (the authors' ``BinaryFocalLoss``).
 
     Parameters
     ----------
     pred : torch.Tensor
         Probabilities in (0, 1).
     target : torch.Tensor
-        Same shape, in {0, 1}.
+        Same shape, in [0, 1].
     alpha, gamma : float
         Constant weight and focusing exponent (the code uses 0.5 and 4).
 
@@ -85,7 +146,8 @@ def binary_focal_loss(pred: torch.Tensor, target: torch.Tensor, alpha: float = 0
     torch.Tensor
         Scalar.
     """
-    bce = F.binary_cross_entropy(pred.clamp(1e-6, 1 - 1e-6), target, reduction="none")
+    # binary_cross_entropy clamps its log terms at -100, so exact 0 / 1 predictions stay finite.
+    bce = F.binary_cross_entropy(pred, target, reduction="none")
     p_true = torch.exp(-bce)
     return (alpha * (1 - p_true) ** gamma * bce).mean()
 
@@ -93,118 +155,124 @@ def binary_focal_loss(pred: torch.Tensor, target: torch.Tensor, alpha: float = 0
 class DiffusionAD(Method):
     """DiffusionAD (Zhang et al.): a denoising UNet and a segmentation U-Net trained jointly.
 
-    See the module docstring for training and inference; ``settings`` are documented in
-    :data:`harness_diffusionad.plugin.SETTINGS_HELP`.
+    See the module docstring for training and inference and :mod:`harness_diffusionad.plugin`
+    for the settings.
 
     Parameters
     ----------
-    settings : mapping
-        A resolved profile. Building reads no file, so it works under ``torch.device("meta")``.
+    settings : Settings
+        Resolved settings. Building reads no file, so it works under ``torch.device("meta")``.
     """
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         super().__init__(settings)
         s = self.settings
-        if s["combination"] not in COMBINATIONS:
-            raise ValueError(f"combination must be one of {COMBINATIONS}, not {s['combination']!r}")
-        if len(s["levels"]) != 2:
-            raise ValueError(f"levels must hold two noise levels, got {s['levels']!r}")
+        if len(s.levels) != 2 or s.levels[0] >= s.levels[1]:
+            raise ValueError(f"levels must be two increasing noise levels, got {s.levels!r}")
+        if not 0 < s.normal_t_range < s.T or s.levels[1] >= s.T:
+            raise ValueError(f"need 0 < normal_t_range < T and levels below T (T={s.T}, normal_t_range="
+                             f"{s.normal_t_range}, levels={s.levels})")
         self.denoiser = build_denoiser(
-            self.input_size[0], base_channels=s["base_channels"], channel_mults=s["channel_mults"],
-            layers_per_block=s["layers_per_block"], attention_resolutions=s["attention_resolutions"],
-            num_heads=s["num_heads"], time_conditioning=s["time_conditioning"], resample=s["resample"],
-            norm_groups=s["norm_groups"])
-        self.segmenter = SegmentationSubNetwork(6, 1, base_channels=s["seg_base_channels"], depth=s["seg_depth"])
-        self.scheduler = DDPMScheduler(num_train_timesteps=s["T"], beta_start=s["beta_start"], beta_end=s["beta_end"],
-                                       beta_schedule="linear")
+            self.input_size[0], base_channels=s.base_channels, channel_mults=s.channel_mults,
+            layers_per_block=s.layers_per_block, attention_resolutions=s.attention_resolutions,
+            num_heads=s.num_heads, time_conditioning=s.time_conditioning, resample=s.resample,
+            norm_groups=s.norm_groups, dropout=s.dropout)
+        if s.gradient_checkpointing:
+            self.denoiser.enable_gradient_checkpointing()
+        self.segmenter = SegmentationSubNetwork(6, 1, base_channels=s.seg_base_channels, depth=s.seg_depth)
+        self.schedule = Schedule(linear_betas(s.T, s.beta_start, s.beta_end))
 
     def networks(self) -> Mapping[str, torch.nn.Module]:
         """The denoising UNet and the segmentation U-Net."""
         return {"denoiser": self.denoiser, "segmenter": self.segmenter}
 
-    # ------------------------------------------------------------------ diffusion arithmetic
+    # ------------------------------------------------------------------ the one-step estimates
 
-    def _abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Cumulative alpha at ``t``, shaped to broadcast against ``like``."""
-        abar = self.scheduler.alphas_cumprod.to(device=like.device, dtype=like.dtype)[t]
-        return abar.view(-1, *([1] * (like.dim() - 1)))
+    def to_model_range(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> the range they are diffused in (``pixel_range``)."""
+        return images if self.settings.pixel_range == "unit" else images * 2 - 1
 
-    def _noised(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Sample q(x_t | x_0) with the given noise."""
-        return self.scheduler.add_noise(x0, noise, t)
-
-    def _x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """One-step estimate of the clean image from the noise prediction, clipped to [-1, 1]."""
-        abar = self._abar(t, x_t)
-        return ((x_t - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
-
-    def _predict_noise(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None):
-        """Noise ``x0`` to level ``t`` and predict the noise: (x_t, true noise, predicted noise)."""
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x_t = self._noised(x0, t, noise)
-        return x_t, noise, self.denoiser(x_t, t).sample
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The UNet's noise prediction, float32 whatever the precision."""
+        with autocast(x_t.device, self.settings.precision):
+            return self.denoiser(x_t, t).sample.float()
 
     def estimates(self, x0: torch.Tensor, t_low: torch.Tensor, t_high: torch.Tensor,
+                  noise_low: torch.Tensor | None = None, noise_high: torch.Tensor | None = None,
                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """One-step clean-image estimates of ``x0`` from two noise levels.
+        """The authors' norm-guided one-step denoising of ``x0`` from two noise levels.
 
         Parameters
         ----------
         x0 : torch.Tensor
-            (B, 3, H, W) in [-1, 1].
+            (B, 3, H, W) in the diffusion range.
         t_low, t_high : torch.Tensor
-            (B,) long noise levels, ``t_low < t_high``.
+            (B,) long noise levels (the authors' ``normal_t`` and ``noisier_t``).
+        noise_low, noise_high : torch.Tensor, optional
+            The forward-process noise at each level; drawn from ``generator`` (low first) when
+            omitted.
         generator : torch.Generator, optional
-            Source of the forward-diffusion noise.
 
         Returns
         -------
         dict
-            ``low`` and ``high`` (plain estimates), ``guided`` (norm-guided estimate at ``t_low``),
-            ``noise_mse`` (B,): the noise-prediction MSE at both levels, summed.
+            ``x_low``, ``x_high`` (noisy inputs), ``eps_low``, ``eps_high`` (UNet outputs),
+            ``x0_high``, ``x0_low`` (plain estimates), ``x_high_to_low`` (the high estimate
+            re-noised to ``t_low`` with ``eps_low``), ``guided`` (the norm-guided estimate),
+            ``mse_low``, ``mse_high`` (B,) noise-prediction MSEs.
         """
-        # Both levels go through the UNet as one batch: GroupNorm makes this exact, and one call
-        # instead of two halves the per-call overhead that dominates small models.
-        x_both, n_both, eps_both = self._predict_noise(torch.cat([x0, x0]), torch.cat([t_low, t_high]), generator)
-        (x_low, x_high), (n_low, n_high), (eps_low, eps_high) = (v.chunk(2) for v in (x_both, n_both, eps_both))
-        x0_high = self._x0_from_eps(x_high, t_high, eps_high)
-        # Bring the high-level estimate down to the low level with the low level's predicted noise;
-        # its deviation from the actual low-level input pulls the noise estimate towards "normal".
-        x_high_to_low = self._noised(x0_high, t_low, eps_low)
-        w = float(self.settings["guidance_weight"])
-        eps_hat = eps_low - (1 - self._abar(t_low, x0)).sqrt() * w * (x_high_to_low - x_low)
-        mse = ((eps_low - n_low) ** 2).flatten(1).mean(1) + ((eps_high - n_high) ** 2).flatten(1).mean(1)
-        return {"low": self._x0_from_eps(x_low, t_low, eps_low), "high": x0_high,
-                "guided": self._x0_from_eps(x_low, t_low, eps_hat), "noise_mse": mse}
+        sched = self.schedule
+        if noise_low is None:
+            noise_low = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if noise_high is None:
+            noise_high = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_low, x_high = sched.q_sample(x0, t_low, noise_low), sched.q_sample(x0, t_high, noise_high)
+        # Both levels go through the UNet as one batch: GroupNorm works per sample, so this equals
+        # the authors' two calls, and one call halves the per-call overhead of small models.
+        eps_low, eps_high = self.predict_noise(torch.cat([x_low, x_high]), torch.cat([t_low, t_high])).chunk(2)
+        x0_high = sched.x0_from_eps(x_high, t_high, eps_high)
+        x_high_to_low = sched.q_sample(x0_high, t_low, eps_low)
+        w = self.settings.guidance_weight
+        eps_hat = eps_low - sched.coef("sqrt_one_minus_abar", t_low, x0) * w * (x_high_to_low - x_low)
+        return {
+            "x_low": x_low, "x_high": x_high, "eps_low": eps_low, "eps_high": eps_high, "x0_high": x0_high,
+            "x0_low": sched.x0_from_eps(x_low, t_low, eps_low), "x_high_to_low": x_high_to_low,
+            "guided": sched.x0_from_eps(x_low, t_low, eps_hat),
+            "mse_low": (eps_low - noise_low).square().flatten(1).mean(1),
+            "mse_high": (eps_high - noise_high).square().flatten(1).mean(1),
+        }
+
+    def segment_pair(self, x0: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        """The segmentation network on (image, reconstruction): (B, 1, H, W) float32 in (0, 1)."""
+        with autocast(x0.device, self.settings.precision):
+            return self.segmenter(torch.cat([x0, reconstruction], dim=1)).float()
 
     def segment(self, x0: torch.Tensor, est: Mapping[str, torch.Tensor], combination: str) -> torch.Tensor:
         """Anomaly maps (B, 1, H, W) from the query and its estimates, by ``combination``."""
         if combination == "norm_guided":
-            return self.segmenter(torch.cat([x0, est["guided"]], dim=1))
-        return 0.5 * (self.segmenter(torch.cat([x0, est["low"]], dim=1))
-                      + self.segmenter(torch.cat([x0, est["high"]], dim=1)))
+            return self.segment_pair(x0, est["guided"])
+        return 0.5 * (self.segment_pair(x0, est["x0_low"]) + self.segment_pair(x0, est["x0_high"]))
 
     # ------------------------------------------------------------------ training
 
-    def _synthesis_kwargs(self) -> dict[str, Any]:
-        s = self.settings
-        return {"foreground": s["foreground"], "texture_categories": tuple(s["texture_categories"]),
-                "scale_exp": tuple(s["perlin_scale_exp"]), "threshold": float(s["perlin_threshold"]),
-                "beta_range": tuple(s["beta_range"])}
-
-    def train_step(self, images: torch.Tensor, categories: Sequence[str], rng: np.random.Generator,
-                   textures: TextureSource, optimisers: Sequence[torch.optim.Optimizer]) -> dict[str, float]:
-        """One joint optimisation step on a batch of normal images.
+    def train_step(self, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
+                   optimisers: Sequence[torch.optim.Optimizer], scaler: torch.amp.GradScaler,
+                   generator: torch.Generator) -> dict[str, float]:
+        """One joint optimisation step on a batch from :class:`~harness_diffusionad.synthesis.AnomalyTrainingSet`.
 
         Parameters
         ----------
         images : torch.Tensor
-            (B, 3, H, W) in [0, 1], on :attr:`device`.
-        categories : sequence of str
-        rng : numpy.random.Generator
-            Drives the anomaly synthesis.
-        textures : TextureSource
+            (B, 3, H, W) in [0, 1] (some with synthetic anomalies), on :attr:`device`.
+        masks : torch.Tensor
+            (B, 1, H, W) synthetic anomaly masks.
+        labels : torch.Tensor
+            (B,) 1 for images with an anomaly.
         optimisers : sequence of torch.optim.Optimizer
+        scaler : torch.amp.GradScaler
+            Enabled for fp16 only.
+        generator : torch.Generator
+            Source of the timesteps and the forward-process noise.
 
         Returns
         -------
@@ -212,29 +280,62 @@ class DiffusionAD(Method):
             The loss terms as floats.
         """
         s = self.settings
-        aug, masks, labels = synthesize_batch(images, categories, rng, textures, **self._synthesis_kwargs())
-        x0 = aug * 2 - 1
-        b = x0.shape[0]
-        split = int(s["normal_t_range"])
-        t_low = torch.randint(0, split, (b,), device=x0.device)
-        t_high = torch.randint(split, int(s["T"]), (b,), device=x0.device)
-        est = self.estimates(x0, t_low, t_high)
-        normal = labels == 0
-        # The noise loss is taken on normal images only, so the UNet learns to reconstruct normality.
-        noise_loss = est["noise_mse"][normal].mean() if normal.any() else x0.new_zeros(())
-        pred = self.segmenter(torch.cat([x0, est["guided"]], dim=1))
-        focal = binary_focal_loss(pred, masks, s["focal_alpha"], s["focal_gamma"])
+        x0 = self.to_model_range(images)
+        b, dev = x0.shape[0], x0.device
+        if s.training == "norm_guided":
+            t_low = torch.randint(0, s.normal_t_range, (b,), generator=generator, device=dev)
+            t_high = torch.randint(s.normal_t_range, s.T, (b,), generator=generator, device=dev)
+            est = self.estimates(x0, t_low, t_high, generator=generator)
+            reconstruction, mse = est["guided"], est["mse_low"] + est["mse_high"]
+        else:
+            t = torch.randint(1, s.T, (b,), generator=generator, device=dev)
+            noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
+            x_t = self.schedule.q_sample(x0, t, noise)
+            eps = self.predict_noise(x_t, t)
+            reconstruction = self.schedule.x0_from_eps(x_t, t, eps)
+            mse = (eps - noise).square().flatten(1).mean(1)
+        counted = labels == 0 if s.noise_loss_on == "normal" else torch.ones_like(labels, dtype=torch.bool)
+        # Only the counted images' noise is learnt; a batch without any contributes no noise loss.
+        noise_loss = mse[counted].mean() if counted.any() else mse.sum() * 0
+        pred = self.segment_pair(x0, reconstruction)
+        focal = binary_focal_loss(pred, masks, s.focal_alpha, s.focal_gamma)
         smooth = F.smooth_l1_loss(pred, masks)
-        loss = noise_loss + s["focal_weight"] * focal + s["smooth_l1_weight"] * smooth
+        loss = noise_loss + s.focal_weight * focal + s.smooth_l1_weight * smooth
         for opt in optimisers:
             opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         for opt in optimisers:
-            opt.step()
+            scaler.step(opt)
+        scaler.update()
         return {"loss": loss.item(), "noise": noise_loss.item(), "focal": focal.item(), "smooth_l1": smooth.item()}
 
+    def _texture_source(self, context: FitContext) -> tuple[TextureSource, str]:
+        """The anomaly texture source and how it was chosen (for the record)."""
+        s = self.settings
+        if s.texture_source == "procedural":
+            return TextureSource(None, self.input_size), "procedural (texture_source=procedural)"
+        if s.dtd_root:
+            source = TextureSource(s.dtd_root, self.input_size)
+            return source, f"dtd ({len(source.paths)} images under {source.root})"
+        if context.random_weights:
+            warnings.warn("diffusionad: no dtd_root with --weights random; procedural textures stand in for DTD "
+                          "(the record says so)", HarnessWarning, stacklevel=2)
+            return TextureSource(None, self.input_size), "procedural (--weights random run without dtd_root)"
+        raise SynthesisSourceError(
+            "diffusionad: the anomaly synthesis of this profile needs the Describable Textures Dataset. Download it "
+            f"from {DTD_URL} (dtd-r1.0.1.tar.gz), unpack it and pass --set diffusionad.dtd_root=/path/to/dtd, or opt "
+            "out explicitly with --set diffusionad.texture_source=procedural (procedural textures, not the paper's)")
+
+    def _training_images(self, train: TrainSet) -> np.ndarray:
+        """Every training image decoded once, as (N, H, W, 3) uint8 (cheap to share with workers)."""
+        out = np.empty((len(train), *self.input_size, 3), dtype=np.uint8)
+        for i in range(len(train)):
+            # The training set gives uint8 / 255, so this recovers the stored bytes exactly.
+            out[i] = (train[i][0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        return out
+
     def fit(self, train: TrainSet, context: FitContext) -> None:
-        """Train both networks jointly on the normal training images (all categories at once).
+        """Train both networks jointly on the normal training images (or load the authors' checkpoint).
 
         Parameters
         ----------
@@ -242,31 +343,104 @@ class DiffusionAD(Method):
         context : FitContext
         """
         s = self.settings
-        textures = TextureSource(s.get("dtd_root") or None, self.input_size)
-        opt_unet = torch.optim.Adam(self.denoiser.parameters(), lr=s["lr_denoiser"], weight_decay=s["weight_decay"])
-        opt_seg = torch.optim.Adam(self.segmenter.parameters(), lr=s["lr_segmenter"], weight_decay=s["weight_decay"])
-        tmax = int(s["seg_cosine_tmax"])
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_seg, T_max=tmax) if tmax > 0 else None
-        rng = np.random.default_rng(context.seed)
+        start = time.perf_counter()
+        if s.official_checkpoints and not context.random_weights:
+            self._load_official(train, context)
+            return
+        textures, texture_note = self._texture_source(context)
+        foregrounds = ForegroundMasks(s.foreground_root or None, self.input_size)
+        texture_set = frozenset(context.textures) | frozenset(s.extra_texture_categories)
+        foregrounds.check([(smp.category, smp.key) for smp in train.samples], texture_set)
+        config = SynthesisConfig(
+            textures=texture_set, foreground=s.foreground, scale_exp=tuple(s.perlin_scale_exp),
+            threshold=s.perlin_threshold, beta_range=tuple(s.beta_range), augmentations=s.augmentations,
+            self_augment_probability=s.self_augment_probability, anomaly_probability=s.anomaly_probability)
+        data = AnomalyTrainingSet(self._training_images(train), [smp.category for smp in train.samples],
+                                  [smp.key for smp in train.samples], context.seed, textures, foregrounds, config)
+        batch_size = min(s.train_batch_size, FAST_DEV_TRAIN_BATCH) if context.fast_dev_run else s.train_batch_size
+        batches = EpochBatches(len(data), batch_size, context.seed, s.train_sampling, s.anomaly_sampling)
+        workers = s.synthesis_workers
+        loader = torch.utils.data.DataLoader(
+            data, batch_sampler=batches, num_workers=workers, persistent_workers=workers > 0,
+            # The loader's own seed draw must not consume the global generator (the runner seeded it).
+            generator=torch.Generator().manual_seed(context.seed), pin_memory=self.device.type == "cuda")
+        opt_unet = torch.optim.Adam(self.denoiser.parameters(), lr=s.denoiser_lr, weight_decay=s.weight_decay)
+        opt_seg = torch.optim.Adam(self.segmenter.parameters(), lr=s.seg_lr, weight_decay=s.weight_decay)
+        # T_max = 0 means a constant learning rate; the scheduler is kept so the checkpoint has one shape.
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_seg, T_max=max(s.seg_cosine_tmax, 1))
+        scaler = grad_scaler(self.device, s.precision)
+        noise = torch.Generator(device=self.device).manual_seed(context.seed)
+        epochs = context.epochs(s.epochs)
         self.denoiser.train()
         self.segmenter.train()
-        batch_size = min(int(s["batch_size"]), len(train))
-        steps, start, last = 0, time.perf_counter(), {}
-        for epoch in context.progress.epochs(int(s["epochs"])):
-            for images, cats in train.batches(batch_size, shuffle=True, seed=context.seed * 100003 + epoch):
-                if images.shape[0] < 2 and len(train) >= 2:
-                    continue  # a lone leftover image cannot be split into normal and synthetic halves
-                last = self.train_step(images.to(self.device), cats, rng, textures, (opt_unet, opt_seg))
-                if sched is not None:
-                    sched.step()
-                steps += 1
+        last: dict[str, float] = {}
+        with context.checkpoint.stage("joint", denoiser=self.denoiser, segmenter=self.segmenter, opt_denoiser=opt_unet,
+                                      opt_segmenter=opt_seg, scheduler=sched, scaler=scaler, noise=noise) as position:
+            try:
+                for epoch in context.progress.iterate(range(position.epoch, epochs), total=max(epochs - position.epoch, 0),
+                                                      desc="epochs", unit="epoch"):
+                    batches.epoch = epoch
+                    batches.start = position.batch if epoch == position.epoch else 0
+                    for index, (images, masks, labels) in enumerate(loader, start=batches.start):
+                        if position.skip(epoch, index):
+                            continue
+                        last = self.train_step(images.to(self.device), masks.to(self.device), labels.to(self.device),
+                                               (opt_unet, opt_seg), scaler, noise)
+                        if s.seg_cosine_tmax > 0:
+                            sched.step()
+                        position.step(epoch=epoch, batch=index + 1)
+                        if context.stop_early(position.steps):
+                            break
+            finally:
+                del loader  # shuts persistent workers down
+            if last:
+                position.extra["final_losses"] = {k: round(v, 5) for k, v in last.items()}
         self.eval()
         context.info.update({
-            "levels": [int(v) for v in s["levels"]], "combination": s["combination"],
-            "guidance_weight": float(s["guidance_weight"]), "epochs": int(s["epochs"]), "steps": steps,
-            "batch_size": batch_size, "synthesis_source": textures.kind, "foreground_rule": s["foreground"],
-            "train_seconds": round(time.perf_counter() - start, 2), "pretrained": False,
-            "final_losses": {k: round(v, 5) for k, v in last.items()},
+            "trained": True, "steps": position.steps, "epochs_run": epochs, "train_batch_size": batches.size,
+            "texture_source": texture_note,
+            "foreground_source": (f"the authors' masks under {foregrounds.root}" if foregrounds.enabled
+                                  and s.foreground != "whole" else
+                                  f"foreground={s.foreground}: whole image for textures "
+                                  f"({', '.join(sorted(texture_set)) or 'none'}), harness.toolkit.foreground "
+                                  "Otsu for objects" if s.foreground != "whole" else "whole image"),
+            "synthesis_workers": workers, "pixel_range": s.pixel_range, "training": s.training,
+            "levels": list(s.levels), "combination": s.combination,
+            "final_losses": position.extra.get("final_losses", {}),
+            "train_seconds": round(time.perf_counter() - start, 2),
+        })
+        if context.fast_dev_run and batches.size < s.train_batch_size:
+            context.info["note"] = (f"fast dev run: training batch {batches.size} instead of {s.train_batch_size} "
+                                    "to fit CPU memory")
+
+    def _load_official(self, train: TrainSet, context: FitContext) -> None:
+        """Load the authors' released checkpoint of the job's category instead of training."""
+        from harness_diffusionad.convert import load_official, read_official_checkpoint
+
+        s = self.settings
+        root = Path(s.official_checkpoints).expanduser()
+        if root.is_file():
+            path = root
+        else:
+            if len(train.categories) != 1:
+                raise HarnessError(f"diffusionad: the authors trained one model per category; official_checkpoints "
+                                   f"needs --protocol oneclass (this fit has {len(train.categories)} categories)")
+            path = root / train.categories[0] / s.official_checkpoint_name
+        if not path.is_file():
+            raise WeightsNotFoundError(f"diffusionad: no authors' checkpoint at {path}; official_checkpoints expects "
+                                       f"<folder>/<category>/{s.official_checkpoint_name} (the layout of the authors' "
+                                       "train.py outputs) or the path of one checkpoint file")
+        digest = context.weights.note_used(path, "the authors' DiffusionAD checkpoint", "official_checkpoint")
+        data = read_official_checkpoint(path)
+        load_official(self.denoiser, self.segmenter, data["unet_model_state_dict"], data["seg_model_state_dict"],
+                      s.num_heads)
+        self.to(self.device)
+        self.eval()
+        context.info.update({
+            "trained": False, "official_checkpoint": str(path), "official_checkpoint_sha256": digest,
+            "official_checkpoint_epoch": data.get("n_epoch"),
+            "note": "the authors' released checkpoint, scored as is; their train.py keeps the checkpoint with the "
+                    "best test-set AUROC (params-best.pt), i.e. it was selected on the test set",
         })
 
     # ------------------------------------------------------------------ inference
@@ -280,23 +454,22 @@ class DiffusionAD(Method):
         images : torch.Tensor
             (B, 3, H, W) in [0, 1].
         categories : sequence of str
-            Unused: one model serves every category.
+            Unused: one model serves every category of the fit.
 
         Returns
         -------
         Prediction
-            Maps (B, H, W) in [0, 1] and top-``k`` mean scores.
+            Maps (B, H, W) in [0, 1] and top-``k`` mean scores, float32.
         """
         s = self.settings
-        x0 = images.to(self.device).float() * 2 - 1
+        x0 = self.to_model_range(images.to(self.device).float())
         b = x0.shape[0]
-        low, high = sorted(int(v) for v in s["levels"])
-        generator = torch.Generator(device=x0.device).manual_seed(int(s["inference_seed"]))
-        t_low = torch.full((b,), low, device=x0.device, dtype=torch.long)
-        t_high = torch.full((b,), high, device=x0.device, dtype=torch.long)
-        est = self.estimates(x0, t_low, t_high, generator)
-        maps = self.segment(x0, est, s["combination"])[:, 0]
-        return Prediction(maps.float(), top_k_mean(maps, s["top_k"]).float())
+        generator = torch.Generator(device=x0.device).manual_seed(s.inference_seed)
+        t_low = torch.full((b,), s.levels[0], device=x0.device, dtype=torch.long)
+        t_high = torch.full((b,), s.levels[1], device=x0.device, dtype=torch.long)
+        est = self.estimates(x0, t_low, t_high, generator=generator)
+        maps = self.segment(x0, est, s.combination)[:, 0]
+        return Prediction(maps.float(), top_k_mean(maps, s.top_k).float())
 
 
 def param_millions(method: DiffusionAD) -> dict[str, float]:
@@ -304,4 +477,5 @@ def param_millions(method: DiffusionAD) -> dict[str, float]:
     return {k: v / 1e6 for k, v in method.parameter_count().items()}
 
 
-__all__ = ["DiffusionAD", "top_k_mean", "binary_focal_loss", "param_millions", "COMBINATIONS"]
+__all__ = ["DiffusionAD", "Schedule", "linear_betas", "top_k_mean", "binary_focal_loss", "param_millions",
+           "FAST_DEV_TRAIN_BATCH"]

@@ -1,36 +1,54 @@
 """Anomaly synthesis for DiffusionAD training (Perlin masks x foreground, texture sources).
 
-A synthetic anomaly is made in four steps, following the authors' code:
+A synthetic anomaly is made in four steps, following the authors' data code
+(HuiZhang0812/DiffusionAD, ``data/dataset_beta_thresh.py``):
 
-1. **Mask**: 2-D Perlin noise at a random lattice scale (``2**a`` by ``2**b`` cells, ``a, b`` drawn
-   in ``[scale_exp[0], scale_exp[1])``), rotated by a random angle in [-90, 90] degrees,
-   thresholded (``> 0.5``), and intersected with the foreground. Empty masks are redrawn.
-2. **Foreground** (the ``foreground`` setting):
+1. **Foreground** ``F`` (where defects may go):
 
-   - ``"whole"``: every pixel.
-   - ``"otsu"``: pixels whose colour differs from the background colour (the median of the
-     image border) by more than an Otsu threshold on that distance, slightly closed and filled.
-     The authors ship precomputed foreground masks per image instead; this rule needs no files.
-   - ``"auto"`` (default): ``"whole"`` for categories named in ``texture_categories``, and
-     whenever the Otsu foreground covers more than 20 % of the border pixels or less than 5 % or
-     more than 95 % of the image (a texture, or an object filling the frame); ``"otsu"``
-     otherwise.
-3. **Source**: an external texture (an image from the DTD folder given as ``dtd_root``, or, when
-   none is given, a procedurally generated texture) after three random photometric
-   augmentations, or, for objects with probability 1/2, the image itself after the same kind of
-   augmentation and shuffled on an 8x8 grid of cells. Textures use external sources only.
-4. **Blend** inside the mask with opacity ``beta ~ U(0.2, 0.8)``:
-   ``x' = x (1 - m) + m ((1 - beta) source + beta x)``.
+   - with the authors' precomputed masks (the ``foreground_root`` setting, their Google Drive
+     download): ``<root>/<category>/DISthresh/good/<stem>.png`` for an object image (made with
+     DIS), and for a texture a mask drawn at random from ``<root>/carpet/thresh/*.png`` (the
+     authors use carpet's masks for every texture category, DAGM's included); masks are resized
+     bilinearly and kept soft (values in [0, 1]), as theirs;
+   - otherwise textures use the whole image and objects the Otsu foreground of
+     :func:`harness.toolkit.foreground.object_foreground` (``foreground="auto"`` falls back to
+     the whole image when that split is lopsided: more than 20 % of the border or less than 5 %
+     or more than 95 % of the image; ``"otsu"`` never falls back; ``"whole"`` uses the whole
+     image for every category).
 
-:func:`synthesize_batch` makes exactly half of a batch (rounded down) synthetic and leaves the
-other half normal, instead of the authors' independent coin per image, so every batch trains both
-the noise loss (normal half) and the segmentation of defects (synthetic half).
+   Textures are the dataset's texture categories (``DatasetSpec.textures``) plus
+   ``extra_texture_categories`` (the authors add ``zipper``).
+2. **Mask**: 2-D Perlin noise on a lattice of ``2**a`` by ``2**b`` cells (``a, b`` drawn once in
+   ``[scale_exp[0], scale_exp[1])``), rotated by an angle in [-90, 90] degrees, thresholded at 0.5
+   and multiplied by ``F``; redrawn (same lattice) up to 50 times until it hits the foreground.
+   The image counts as anomalous only if the mask is not empty (as the authors' ``has_anomaly``).
+3. **Source** ``A``: a texture image (DTD from ``dtd_root``, or a procedural texture when the user
+   opted out with ``texture_source="procedural"``) after ``augmentations`` random photometric /
+   geometric augmentations; for objects, with probability ``self_augment_probability``, the
+   image itself after the same augmentations, cut into an 8 x 8 grid of cells put back in random
+   order instead. Textures use external sources only.
+4. **Blend** (the paper's Eq. 9) with opacity ``beta ~ U(beta_range)``:
+   ``S = beta (M N) + (1 - beta) (M A) + (1 - M) N``.
+
+Differences from the authors' code, all small: the augmentation pool is torchvision's versions of
+their ten imgaug augmenters (gamma, brightness, sharpness, hue, solarize, posterize, invert,
+autocontrast, equalize, rotation); the grid shuffle permutes the 64 cells uniformly (theirs
+shuffles alternate strips); Perlin noise is our own implementation of the same classic
+gradient noise.
+
+**Data loading.** :class:`AnomalyTrainingSet` is a map-style dataset whose items are
+``(index, epoch, position, synthetic)`` keys produced by :class:`EpochBatches`; every random draw
+of an item comes from a generator seeded by ``(seed, epoch, position)`` only, so a batch is the
+same whichever DataLoader worker makes it, whatever the number of workers, and after a resume.
+The anomaly synthesis therefore runs in DataLoader worker processes (``synthesis_workers``), not
+in the training step.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,9 +56,28 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from scipy import ndimage
 
-#: Image suffixes accepted in a DTD folder.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+from harness.errors import HarnessError
+from harness.toolkit.foreground import object_foreground
 
+#: Image suffixes accepted in a DTD or foreground folder.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+#: Where to download DTD (the error for a missing texture folder names it).
+DTD_URL = "https://www.robots.ox.ac.uk/~vgg/data/dtd/"
+#: Where the authors' foreground masks are published (their README).
+FOREGROUND_URL = "https://drive.google.com/drive/folders/1goH-PqWD35jvXuZNcBlR6elKf7eBx8lY"
+#: Foreground rules without the authors' mask files.
+FOREGROUND_RULES = ("auto", "otsu", "whole")
+#: How the synthetic half of a batch is chosen.
+ANOMALY_SAMPLING = ("coin", "half")
+#: How an epoch's images are drawn.
+TRAIN_SAMPLING = ("replacement", "permutation")
+
+
+class SynthesisSourceError(HarnessError):
+    """A texture or foreground folder the settings ask for is missing or empty; the message says what to do."""
+
+
+# -- Perlin masks --------------------------------------------------------------------------------
 
 def perlin_noise(shape: tuple[int, int], cells: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """Classic 2-D gradient (Perlin) noise.
@@ -81,9 +118,14 @@ def perlin_noise(shape: tuple[int, int], cells: tuple[int, int], rng: np.random.
     return np.sqrt(2) * (top * (1 - uy) + bottom * uy)
 
 
+def perlin_cells(rng: np.random.Generator, scale_exp: tuple[int, int] = (0, 6)) -> tuple[int, int]:
+    """Lattice cells per axis, ``2**k`` with ``k`` drawn in ``[scale_exp[0], scale_exp[1])``."""
+    return 2 ** int(rng.integers(*scale_exp)), 2 ** int(rng.integers(*scale_exp))
+
+
 def perlin_mask(shape: tuple[int, int], rng: np.random.Generator, scale_exp: tuple[int, int] = (0, 6),
-                threshold: float = 0.5) -> np.ndarray:
-    """A thresholded, randomly scaled and rotated Perlin-noise mask.
+                threshold: float = 0.5, cells: tuple[int, int] | None = None) -> np.ndarray:
+    """A thresholded, randomly rotated Perlin-noise mask.
 
     Parameters
     ----------
@@ -91,95 +133,48 @@ def perlin_mask(shape: tuple[int, int], rng: np.random.Generator, scale_exp: tup
         (H, W).
     rng : numpy.random.Generator
     scale_exp : tuple of int
-        Lattice cells per axis are ``2**k`` with ``k`` drawn in ``[scale_exp[0], scale_exp[1])``.
+        Range of the lattice exponents, used when ``cells`` is not given.
     threshold : float
         Noise level above which a pixel is anomalous.
+    cells : tuple of int, optional
+        The lattice (drawn by :func:`perlin_cells` when omitted).
 
     Returns
     -------
     numpy.ndarray of bool
         (H, W); may be empty.
     """
-    cells = (2 ** int(rng.integers(*scale_exp)), 2 ** int(rng.integers(*scale_exp)))
+    cells = cells or perlin_cells(rng, scale_exp)
     noise = perlin_noise(shape, cells, rng)
+    # Pixels rotated in from outside the lattice get -1: never above the threshold (the authors'
+    # rotation fills them with 0, also below it).
     noise = ndimage.rotate(noise, float(rng.uniform(-90, 90)), reshape=False, order=1, mode="constant", cval=-1.0)
     return noise > threshold
 
 
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold: the cut that maximises the between-class variance of ``values``.
+# -- foregrounds ---------------------------------------------------------------------------------
 
-    Parameters
-    ----------
-    values : numpy.ndarray
-        Any shape; flattened.
-    bins : int
-        Histogram bins.
-
-    Returns
-    -------
-    float
-    """
-    hist, edges = np.histogram(values.ravel(), bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist).astype(np.float64)
-    w1 = w0[-1] - w0
-    s0 = np.cumsum(hist * centres)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        between = w0 * w1 * (s0 / w0 - (s0[-1] - s0) / w1) ** 2
-    between = np.nan_to_num(between[:-1], nan=-1.0)
-    return float(edges[int(np.argmax(between)) + 1])
-
-
-def otsu_foreground(image: np.ndarray) -> np.ndarray:
-    """Foreground of an object image: colours far from the border's median colour.
+def otsu_or_whole(image: np.ndarray, rule: str = "auto") -> np.ndarray:
+    """The foreground of an object image without mask files (see the module docstring).
 
     Parameters
     ----------
     image : numpy.ndarray
         (3, H, W) float in [0, 1].
-
-    Returns
-    -------
-    numpy.ndarray of bool
-        (H, W).
-    """
-    border = np.concatenate([image[:, 0, :], image[:, -1, :], image[:, :, 0], image[:, :, -1]], axis=1)
-    background = np.median(border, axis=1)
-    distance = np.sqrt(((image - background[:, None, None]) ** 2).sum(0))
-    if float(distance.max() - distance.min()) < 1e-6:
-        return np.ones(distance.shape, dtype=bool)
-    fg = distance > otsu_threshold(distance)
-    # Closing and hole filling keep dark or flat parts inside an object in its foreground.
-    fg = ndimage.binary_closing(fg, iterations=2)
-    return ndimage.binary_fill_holes(fg)
-
-
-def foreground_mask(image: np.ndarray, category: str, rule: str = "auto",
-                    texture_categories: Sequence[str] = ()) -> np.ndarray:
-    """Where synthetic defects may be placed (see the module docstring for the rules).
-
-    Parameters
-    ----------
-    image : numpy.ndarray
-        (3, H, W) float in [0, 1].
-    category : str
     rule : str
         ``"auto"``, ``"otsu"`` or ``"whole"``.
-    texture_categories : sequence of str
-        Categories that ``"auto"`` treats as textures.
 
     Returns
     -------
     numpy.ndarray of bool
         (H, W).
     """
+    if rule not in FOREGROUND_RULES:
+        raise ValueError(f"unknown foreground rule {rule!r}; use one of {FOREGROUND_RULES}")
     whole = np.ones(image.shape[1:], dtype=bool)
-    if rule == "whole" or (rule == "auto" and category in set(texture_categories)):
+    if rule == "whole":
         return whole
-    if rule not in ("auto", "otsu"):
-        raise ValueError(f"unknown foreground rule {rule!r}; use 'auto', 'otsu' or 'whole'")
-    fg = otsu_foreground(image)
+    fg = object_foreground(image)
     if rule == "auto":
         edge = np.concatenate([fg[0], fg[-1], fg[:, 0], fg[:, -1]])
         # An object lies on a background that the border shows; when much of the border counts as
@@ -189,8 +184,72 @@ def foreground_mask(image: np.ndarray, category: str, rule: str = "auto",
     return fg
 
 
+def _read_grey(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """A greyscale mask file resized bilinearly to ``size`` = (H, W), as float in [0, 1]."""
+    with Image.open(path) as img:
+        img = img.convert("L").resize((size[1], size[0]), Image.BILINEAR)
+        return np.asarray(img, dtype=np.float32) / 255.0
+
+
+class ForegroundMasks:
+    """The authors' precomputed foreground masks (``foreground_root``), or nothing.
+
+    Parameters
+    ----------
+    root : str or Path or None
+        The folder of the authors' download: ``<root>/<category>/DISthresh/good/<stem>.png`` per
+        object training image, ``<root>/carpet/thresh/*.png`` for textures. None or empty: no
+        files (Otsu / whole image is used).
+    size : tuple of int
+        (H, W) masks are resized to.
+    """
+
+    def __init__(self, root: str | Path | None, size: tuple[int, int]) -> None:
+        self.root = Path(root).expanduser() if root else None
+        self.size = tuple(size)
+        self.texture_paths: list[Path] = []
+        if self.root is not None:
+            if not self.root.is_dir():
+                raise SynthesisSourceError(f"foreground_root {self.root} is not a folder; give the folder of the "
+                                           f"authors' foreground masks ({FOREGROUND_URL}) or leave it empty to use "
+                                           "Otsu foregrounds")
+            folder = self.root / "carpet" / "thresh"
+            if folder.is_dir():
+                self.texture_paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether mask files are used."""
+        return self.root is not None
+
+    def object_path(self, category: str, key: str) -> Path:
+        """The mask file of a training image (key ``<category>/train/good/<stem>``)."""
+        return self.root / category / "DISthresh" / "good" / f"{key.rsplit('/', 1)[-1]}.png"
+
+    def check(self, items: Sequence[tuple[str, str]], textures: frozenset[str]) -> None:
+        """Raise :class:`SynthesisSourceError` naming the first missing mask of ``(category, key)`` items."""
+        if not self.enabled:
+            return
+        if any(c in textures for c, _ in items) and not self.texture_paths:
+            raise SynthesisSourceError(f"foreground_root {self.root}: no texture masks in {self.root / 'carpet' / 'thresh'} "
+                                       "(the authors' texture foregrounds)")
+        for category, key in items:
+            if category not in textures and not self.object_path(category, key).is_file():
+                raise SynthesisSourceError(f"foreground_root {self.root}: missing {self.object_path(category, key)} "
+                                           f"(the DIS foreground of {key}); the layout is "
+                                           "<root>/<category>/DISthresh/good/<image stem>.png")
+
+    def mask(self, category: str, key: str, is_texture: bool, rng: np.random.Generator) -> np.ndarray:
+        """(H, W) float mask in [0, 1]: the image's DIS mask, or a random texture mask."""
+        if is_texture:
+            return _read_grey(self.texture_paths[int(rng.integers(len(self.texture_paths)))], self.size)
+        return _read_grey(self.object_path(category, key), self.size)
+
+
+# -- texture sources -----------------------------------------------------------------------------
+
 def procedural_texture(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """A random texture image when no DTD folder is available.
+    """A random texture image, for runs that opt out of DTD.
 
     Mixes a few families that resemble DTD's (stripes, checks, blobs, fractal noise, speckle),
     with random colours, so the segmentation network sees varied foreign patterns.
@@ -232,29 +291,37 @@ class TextureSource:
     Parameters
     ----------
     dtd_root : str or Path or None
-        A folder searched recursively for images (the DTD ``images/`` tree, or its parent).
-        ``None``, an empty string or a folder without images gives procedural textures.
+        A folder searched recursively for images (the DTD root, or its ``images/`` tree).
+        None or empty: procedural textures.
     size : tuple of int
         (H, W) textures are resized to.
     max_cached : int
-        Decoded DTD images kept in memory.
+        Decoded DTD images kept in memory (per process: each DataLoader worker has its own).
+
+    Raises
+    ------
+    SynthesisSourceError
+        When ``dtd_root`` is given but is not a folder or holds no image.
     """
 
     def __init__(self, dtd_root: str | Path | None, size: tuple[int, int], max_cached: int = 2000) -> None:
         self.size = tuple(size)
+        self.root = Path(dtd_root).expanduser() if dtd_root else None
         self.paths: list[Path] = []
-        if dtd_root:
-            root = Path(dtd_root).expanduser()
-            if not root.is_dir():
-                raise FileNotFoundError(f"dtd_root {root} is not a folder; give the DTD images folder or leave it empty "
-                                        "to use procedural textures")
-            self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if self.root is not None:
+            if not self.root.is_dir():
+                raise SynthesisSourceError(f"dtd_root {self.root} is not a folder; download the Describable Textures "
+                                           f"Dataset from {DTD_URL} and give its folder")
+            self.paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not self.paths:
+                raise SynthesisSourceError(f"dtd_root {self.root} holds no image; download the Describable Textures "
+                                           f"Dataset from {DTD_URL} and give its folder (the one with images/)")
         self._cache: dict[int, np.ndarray] = {}
         self._max_cached = max_cached
 
     @property
     def kind(self) -> str:
-        """``"dtd"`` when images were found on disk, else ``"procedural"``."""
+        """``"dtd"`` when images come from disk, else ``"procedural"``."""
         return "dtd" if self.paths else "procedural"
 
     def sample(self, rng: np.random.Generator) -> np.ndarray:
@@ -272,8 +339,10 @@ class TextureSource:
         return hit
 
 
+# -- augmentations -------------------------------------------------------------------------------
+
 def _photometric_ops(rng: np.random.Generator) -> list:
-    """The pool of random photometric augmentations (torchvision), each ready to apply."""
+    """The pool of random augmentations (torchvision versions of the authors' ten), each ready to apply."""
     return [
         lambda x: TF.adjust_gamma(x, float(rng.uniform(0.5, 2.0))),
         lambda x: TF.adjust_brightness(x, float(rng.uniform(0.8, 1.2))),
@@ -289,7 +358,7 @@ def _photometric_ops(rng: np.random.Generator) -> list:
 
 
 def augment(image: np.ndarray, rng: np.random.Generator, n_ops: int = 3) -> np.ndarray:
-    """Apply ``n_ops`` distinct photometric augmentations, chosen at random, in random order.
+    """Apply ``n_ops`` distinct augmentations, chosen at random, in random order.
 
     Parameters
     ----------
@@ -334,84 +403,197 @@ def grid_shuffle(image: np.ndarray, rng: np.random.Generator, grid: int = 8) -> 
     return out
 
 
-def synthesize_one(image: np.ndarray, category: str, rng: np.random.Generator, textures: TextureSource,
-                   foreground: str = "auto", texture_categories: Sequence[str] = (),
-                   scale_exp: tuple[int, int] = (0, 6), threshold: float = 0.5,
-                   beta_range: tuple[float, float] = (0.2, 0.8), max_tries: int = 50) -> tuple[np.ndarray, np.ndarray]:
+# -- one anomaly ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    """The synthesis settings (see :mod:`harness_diffusionad.plugin` for each one's meaning)."""
+
+    textures: frozenset[str] = frozenset()
+    foreground: str = "auto"
+    scale_exp: tuple[int, int] = (0, 6)
+    threshold: float = 0.5
+    beta_range: tuple[float, float] = (0.2, 0.8)
+    augmentations: int = 3
+    self_augment_probability: float = 0.5
+    anomaly_probability: float = 0.5
+    max_tries: int = 50
+
+
+def synthesize_one(image: np.ndarray, foreground: np.ndarray, is_texture: bool, rng: np.random.Generator,
+                   textures: TextureSource, config: SynthesisConfig = SynthesisConfig()
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Put one synthetic anomaly on ``image``.
 
     Parameters
     ----------
     image : numpy.ndarray
         (3, H, W) float in [0, 1].
-    category : str
+    foreground : numpy.ndarray
+        (H, W) bool or float in [0, 1]: where defects may go.
+    is_texture : bool
+        Textures take their anomaly appearance from the texture source only.
     rng : numpy.random.Generator
     textures : TextureSource
-    foreground, texture_categories
-        See :func:`foreground_mask`.
-    scale_exp, threshold
-        See :func:`perlin_mask`.
-    beta_range : tuple of float
-        Range of the opacity with which the normal image shows through the anomaly.
-    max_tries : int
-        Perlin masks drawn until one hits the foreground.
+    config : SynthesisConfig
 
     Returns
     -------
     image : numpy.ndarray
-        (3, H, W) float in [0, 1].
-    mask : numpy.ndarray of bool
-        (H, W), inside the foreground; empty only if every try missed it.
+        (3, H, W) float32 in [0, 1].
+    mask : numpy.ndarray
+        (H, W) float32 in [0, 1] (soft where the foreground is); all zero only if every try
+        missed the foreground (the image is then left unchanged).
     """
     shape = image.shape[1:]
-    fg = foreground_mask(image, category, foreground, texture_categories)
-    mask = np.zeros(shape, dtype=bool)
-    for _ in range(max_tries):
-        mask = perlin_mask(shape, rng, scale_exp, threshold) & fg
+    fg = foreground.astype(np.float32)
+    cells = perlin_cells(rng, config.scale_exp)
+    mask = np.zeros(shape, dtype=np.float32)
+    for _ in range(config.max_tries):
+        mask = perlin_mask(shape, rng, threshold=config.threshold, cells=cells).astype(np.float32) * fg
         if mask.any():
             break
-    is_texture = bool(fg.all())
-    if is_texture or rng.random() < 0.5:
-        source = augment(textures.sample(rng), rng)
+    if is_texture or rng.random() >= config.self_augment_probability:
+        source = augment(textures.sample(rng), rng, config.augmentations)
     else:
-        source = grid_shuffle(augment(image, rng), rng)
-    beta = float(rng.uniform(*beta_range))
-    m = mask[None].astype(np.float32)
+        source = grid_shuffle(augment(image, rng, config.augmentations), rng)
+    beta = float(rng.uniform(*config.beta_range))
+    m = mask[None]
     out = image * (1 - m) + m * ((1 - beta) * source + beta * image)
     return out.astype(np.float32), mask
 
 
-def synthesize_batch(images: torch.Tensor, categories: Sequence[str], rng: np.random.Generator,
-                     textures: TextureSource, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Make half of a batch (rounded down, chosen at random) synthetic anomalies.
+# -- the training data ---------------------------------------------------------------------------
+
+def _item_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
+    """The generator of one item: a function of (seed, epoch, position in the epoch) only."""
+    return np.random.default_rng((int(seed), 11, int(epoch), int(position)))
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of item keys for one epoch; set :attr:`epoch` and :attr:`start` before iterating.
+
+    An epoch draws ``n`` images (``n`` = training images) either as a permutation or, as the
+    authors' dataset (its ``__getitem__`` ignores the index and draws one at random), with
+    replacement; the order depends only on ``(seed, epoch)``. Batches are full
+    (``drop_last`` as the authors' loader): ``n // batch_size`` of them, or one batch of all
+    images when there are fewer than ``batch_size``. Keys are ``(index, epoch, position,
+    synthetic)`` with ``synthetic`` 1 or 0 (``"half"``: exactly half of each batch, rounded down,
+    chosen at random) or -1 (``"coin"``: each item decides with its own generator).
 
     Parameters
     ----------
-    images : torch.Tensor
-        (B, 3, H, W) float in [0, 1].
-    categories : sequence of str
-    rng : numpy.random.Generator
-    textures : TextureSource
-    **kwargs
-        Passed to :func:`synthesize_one`.
+    n : int
+    batch_size : int
+    seed : int
+    sampling : str
+        ``"replacement"`` or ``"permutation"``.
+    anomaly_sampling : str
+        ``"coin"`` or ``"half"``.
 
-    Returns
-    -------
-    images : torch.Tensor
-        (B, 3, H, W), on the input's device.
-    masks : torch.Tensor
-        (B, 1, H, W) float in {0, 1}.
-    labels : torch.Tensor
-        (B,) long, 1 where an anomaly was synthesised (its mask may, rarely, be empty).
+    Attributes
+    ----------
+    epoch : int
+    start : int
+        Batches of :attr:`epoch` to skip (already consumed before a resume).
     """
-    b = images.shape[0]
-    src = images.detach().cpu().float().numpy()
-    out = src.copy()
-    masks = np.zeros((b, 1) + src.shape[2:], dtype=np.float32)
-    labels = np.zeros(b, dtype=np.int64)
-    for i in rng.permutation(b)[: b // 2]:
-        out[i], mask = synthesize_one(src[i], categories[i], rng, textures, **kwargs)
-        masks[i, 0] = mask
-        labels[i] = 1
-    device = images.device
-    return torch.from_numpy(out).to(device), torch.from_numpy(masks).to(device), torch.from_numpy(labels).to(device)
+
+    def __init__(self, n: int, batch_size: int, seed: int, sampling: str = "replacement",
+                 anomaly_sampling: str = "coin") -> None:
+        if sampling not in TRAIN_SAMPLING or anomaly_sampling not in ANOMALY_SAMPLING:
+            raise ValueError(f"sampling must be in {TRAIN_SAMPLING} and anomaly_sampling in {ANOMALY_SAMPLING}")
+        self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
+        self.sampling, self.anomaly_sampling = sampling, anomaly_sampling
+        self.epoch, self.start = 0, 0
+
+    @property
+    def size(self) -> int:
+        """Images per batch."""
+        return min(self.batch_size, self.n)
+
+    def __len__(self) -> int:
+        return max(self.n // self.size, 1) if self.n else 0
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The epoch's image indices."""
+        rng = np.random.default_rng((int(self.seed), 7, int(epoch)))
+        if self.sampling == "replacement":
+            return rng.integers(0, self.n, self.n)
+        return rng.permutation(self.n)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int, int]]]:
+        order = self.order(self.epoch)
+        b = self.size
+        for batch in range(self.start, len(self)):
+            positions = range(batch * b, batch * b + b)
+            if self.anomaly_sampling == "half":
+                picked = set(np.random.default_rng((int(self.seed), 13, int(self.epoch), batch)).permutation(b)[: b // 2])
+                flags = [int(i in picked) for i in range(b)]
+            else:
+                flags = [-1] * b
+            yield [(int(order[p]), int(self.epoch), int(p), f) for p, f in zip(positions, flags)]
+
+
+class AnomalyTrainingSet(torch.utils.data.Dataset):
+    """Training images with synthetic anomalies made on the fly (in DataLoader workers).
+
+    Parameters
+    ----------
+    images : numpy.ndarray
+        (N, H, W, 3) uint8: the decoded training images (decoded once in the main process).
+    categories, keys : sequence of str
+        Each image's category and sample key.
+    seed : int
+        The job's seed; with the key's epoch and position it seeds every draw of an item.
+    textures : TextureSource
+    foregrounds : ForegroundMasks
+    config : SynthesisConfig
+
+    Items
+    -----
+    ``(image, mask, label)``: (3, H, W) float32 in [0, 1], (1, H, W) float32, and a float 1.0
+    when an anomaly was synthesised (non-empty mask), else 0.0.
+    """
+
+    def __init__(self, images: np.ndarray, categories: Sequence[str], keys: Sequence[str], seed: int,
+                 textures: TextureSource, foregrounds: ForegroundMasks, config: SynthesisConfig) -> None:
+        self.images = images
+        self.categories = list(categories)
+        self.keys = list(keys)
+        self.seed = int(seed)
+        self.textures = textures
+        self.foregrounds = foregrounds
+        self.config = config
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def foreground(self, index: int, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The foreground of image ``index`` (see the module docstring)."""
+        category = self.categories[index]
+        is_texture = category in self.config.textures
+        if self.foregrounds.enabled and self.config.foreground != "whole":
+            return self.foregrounds.mask(category, self.keys[index], is_texture, rng)
+        if is_texture:
+            return np.ones(image.shape[1:], dtype=bool)
+        return otsu_or_whole(image, self.config.foreground)
+
+    def __getitem__(self, key: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        index, epoch, position, synthetic = key
+        rng = _item_rng(self.seed, epoch, position)
+        image = self.images[index].transpose(2, 0, 1).astype(np.float32) / 255.0
+        if synthetic < 0:
+            synthetic = int(rng.random() < self.config.anomaly_probability)
+        mask = np.zeros(image.shape[1:], dtype=np.float32)
+        if synthetic:
+            fg = self.foreground(index, image, rng)
+            is_texture = self.categories[index] in self.config.textures
+            image, mask = synthesize_one(image, fg, is_texture, rng, self.textures, self.config)
+        label = float(mask.any())
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(mask[None].copy()), torch.tensor(label)
+
+
+__all__ = ["perlin_noise", "perlin_cells", "perlin_mask", "otsu_or_whole", "ForegroundMasks", "procedural_texture",
+           "TextureSource", "augment", "grid_shuffle", "SynthesisConfig", "synthesize_one", "EpochBatches",
+           "AnomalyTrainingSet", "SynthesisSourceError", "DTD_URL", "FOREGROUND_URL", "FOREGROUND_RULES",
+           "ANOMALY_SAMPLING", "TRAIN_SAMPLING"]

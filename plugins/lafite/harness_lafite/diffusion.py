@@ -194,7 +194,8 @@ def reconstruct(unet: UNet2DModel, schedule: DDPMScheduler, start: torch.Tensor,
     x = schedule.add_noise(start, noise, torch.full((start.shape[0],), ts[0], device=start.device, dtype=torch.long))
     for i, t in enumerate(ts):
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = unet(x, t_batch).sample
+        # float32 even under autocast: the DDIM update itself stays in full precision.
+        eps = unet(x, t_batch).sample.float()
         prev = float(abar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
         z = (torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator) if eta > 0 else None)
         x = ddim_update(x, eps, float(abar[t]), prev, eta, z)

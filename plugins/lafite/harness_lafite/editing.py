@@ -7,18 +7,21 @@ replaced by a combination of its K nearest bank slices ``n_k`` at distances ``d_
     e = sum_k (1 - softmax(d)_k) * n_k                                   (Eq. 10)
 
 Taken literally the weights sum to K - 1 (so K = 1 gives e = 0 and K > 2 scales the slice up by
-about K - 1). ``weighting="paper"`` implements Eq. 10 exactly as printed; ``"normalized"``
-divides the weights by K - 1 so that they sum to one (a convex combination). K must be >= 2.
+about K - 1): the edited tensor then lies far from the normal features the text says it stays
+close to, and a search over K compares scales rather than neighbourhoods. ``"normalized"`` (the
+default) divides the weights by K - 1 so that they sum to one (a convex combination of the
+neighbours, the reading that agrees with the text); ``"literal"`` implements Eq. 10 exactly as
+printed. K must be >= 2 for both.
 """
 
 from __future__ import annotations
 
 import torch
 
-from harness.coreset import greedy_coreset
-from harness.ops import nearest_neighbour_distance
+from harness.toolkit.coreset import greedy_coreset
+from harness.toolkit.ops import nearest_neighbour_distance
 
-WEIGHTINGS = ("paper", "normalized")
+WEIGHTINGS = ("normalized", "literal")
 
 
 def coreset_bank(slices: torch.Tensor, ratio: float, projection_dim: int | None, seed: int) -> torch.Tensor:
@@ -45,15 +48,15 @@ def coreset_bank(slices: torch.Tensor, ratio: float, projection_dim: int | None,
     return slices[keep].contiguous()
 
 
-def editing_weights(distances: torch.Tensor, weighting: str = "paper") -> torch.Tensor:
+def editing_weights(distances: torch.Tensor, weighting: str = "normalized") -> torch.Tensor:
     """The weights of Eq. 10 for each query's K neighbours.
 
     Parameters
     ----------
     distances : torch.Tensor
         (M, K) Euclidean distances to the K nearest bank slices.
-    weighting : {"paper", "normalized"}
-        ``paper``: ``1 - softmax(d)`` as printed; ``normalized``: the same divided by K - 1.
+    weighting : {"normalized", "literal"}
+        ``literal``: ``1 - softmax(d)`` as printed; ``normalized``: the same divided by K - 1.
 
     Returns
     -------
@@ -72,7 +75,7 @@ def editing_weights(distances: torch.Tensor, weighting: str = "paper") -> torch.
     return weights
 
 
-def edit_features(features: torch.Tensor, bank: torch.Tensor, k: int, weighting: str = "paper",
+def edit_features(features: torch.Tensor, bank: torch.Tensor, k: int, weighting: str = "normalized",
                   chunk: int = 4096) -> torch.Tensor:
     """Replace every feature slice by the weighted combination of its K nearest bank slices.
 
@@ -84,7 +87,7 @@ def edit_features(features: torch.Tensor, bank: torch.Tensor, k: int, weighting:
         (M, C) the coreset memory bank.
     k : int
         Number of neighbours (>= 2).
-    weighting : {"paper", "normalized"}
+    weighting : {"normalized", "literal"}
         See :func:`editing_weights`.
     chunk : int
         Queries per distance computation (bounds memory).

@@ -1,44 +1,41 @@
 """Registers LafitE with the harness (entry point ``lafite`` in the group ``harness``).
 
-No official code is public, so the paper's text is the specification. Facts from the paper
-(Section 4.1): 224 x 224 inputs, ImageNet EfficientNet-b4, stages 1-4 resized to 32 x 32 and
+Importing this module is cheap: timm and diffusers load when a method is built (:func:`build`).
+
+No official code is public, so the paper's text is the specification, and UniAD's code
+(zhiyuanyou/UniAD) where the paper says it follows UniAD. Facts from the paper (Section 4.1):
+224 x 224 inputs resized bilinearly, ImageNet EfficientNet-b4, stages 1-4 resized to 32 x 32 and
 concatenated (UniAD's aggregation: 24 + 32 + 56 + 160 = 272 channels; UniAD itself uses 14 x 14,
 settable through ``feature_size``), a U-Net with base 256 channels and multipliers (1, 2, 3, 4),
 1000 epochs at batch 64, T = 1000 with the cosine schedule, AdamW (lr 1e-4, weight decay 1e-4,
 lr x 0.1 after 800 epochs), a 10 % coreset, Gaussian sigma 4, tau and K chosen on a
-pseudo-validation set.
+pseudo-validation set of synthetic anomalies (tau with editing off, then K).
 
-Choices where the paper is silent (all settings):
-
-- U-Net depth and attention: two residual blocks per level, self-attention (32-wide heads) at
-  16, 8 and 4 px, as the latent-diffusion U-Nets with multipliers (1, 2, 3, 4) have;
-- features standardised per channel with training statistics (the schedule assumes unit scale);
-- DDIM: deterministic (eta = 0), ``ddim_steps`` U-Net evaluations evenly spaced from tau down
-  (10 in ``paper``);
-- image score: maximum after a 16 x 16 stride-1 average pooling (UniAD's evaluation);
-- candidate grids: tau in 100..800 by 100, K in (2, 3, 5, 10, 20) (Fig. 6 is not in our copy of
-  the text); 20 pseudo-validation images per category (half anomalous);
-- Eq. 10's weights are used as printed (``editing_weights="paper"``; they sum to K - 1),
-  ``"normalized"`` makes them a convex combination.
+The backbone is the file UniAD loads (its ``experiments/MVTec-AD/config.yaml``:
+``efficientnet-b4-6ed6700e.pth``; EfficientNet-PyTorch's release of the TensorFlow ImageNet
+checkpoint), run as timm's ``tf_efficientnet_b4`` with UniAD's padding
+(:mod:`harness_lafite.features`). Every choice the paper leaves open is a setting whose
+``choice`` text says what the default is and why; ``harness describe lafite`` lists them and
+every record repeats them.
 
 Profiles
 --------
 ``paper``
-    As above; needs the EfficientNet-b4 ImageNet weights on disk and a GPU.
+    The defaults: needs the EfficientNet-b4 file on disk and a GPU.
 ``tiny``
-    The same code at toy scale for a CPU (2 cores, ~100 s for the synthetic set): 128 px, a
-    randomly initialised ResNet-18 (layer1 + layer2, 192 channels; BatchNorm re-estimated on the
-    training images) aggregated on an 8 x 8 grid, a two-level 64-channel U-Net without attention,
-    8 epochs at lr 3e-3, three DDIM evaluations, tau in (25, 100), K in (2, 5), and a 50 %
-    coreset. Why not EfficientNet-b4: at 128 px it is several times slower on a CPU, and its random
-    features separated the synthetic defects worse (nearest-neighbour image AUROC 0.62 vs 0.73
-    for ResNet-18 layers 1-2); a 10 % coreset of random features lost a further ~0.05 AUROC.
+    The same code at toy scale for a CPU: 128 px, a randomly initialised ResNet-18 (layer1 +
+    layer2, 192 channels; BatchNorm re-estimated on the training images) aggregated on an 8 x 8
+    grid, a two-level 64-channel U-Net without attention, 8 epochs at lr 3e-3, three DDIM
+    evaluations, tau in (25, 100), K in (2, 5), and a 50 % coreset. Why not EfficientNet-b4: at
+    128 px it is several times slower on a CPU, and its random features separated the synthetic
+    defects worse (nearest-neighbour image AUROC 0.62 vs 0.73 for ResNet-18 layers 1-2); a 10 %
+    coreset of random features lost a further ~0.05 AUROC.
 """
 
 from __future__ import annotations
 
-from harness import MethodSpec, PaperRef, hookimpl
-from harness_lafite.model import LafitE
+from harness import MethodSpec, PaperRef, Resources, Setting, WeightFile, hookimpl
+from harness.settings import eval_batch_size, image_size, interpolation, precision
 
 PAPER = PaperRef(
     title="LafitE: Latent Diffusion Model with Feature Editing for Unsupervised Multi-class Anomaly Detection",
@@ -47,68 +44,141 @@ PAPER = PaperRef(
     code="",
 )
 
-_COMMON = {
-    "backbone": "efficientnet_b4", "layers": (0, 1, 2, 3), "weights_file": "", "feature_standardize": True,
-    "T": 1000, "beta_schedule": "squaredcos_cap_v2", "dropout": 0.0, "attention_head_dim": 32,
-    "weight_decay": 1e-4, "lr_drop_at": 0.8, "lr_drop_factor": 0.1,
-    "coreset_ratio": 0.1, "coreset_projection_dim": 128, "feature_editing": True, "editing_weights": "paper",
-    "ddim_eta": 0.0, "smoothing_sigma": 4.0, "score_pool_size": 16, "inference_seed": 0, "pseudo_val_seed": 0,
-}
+#: The EfficientNet-b4 ImageNet weights UniAD loads (``pretrained_model`` in its MVTec-AD config,
+#: the ``efficientnet-b4`` entry of its ``model_urls``): EfficientNet-PyTorch's port of the
+#: TensorFlow checkpoint. The hex digits in the name are not a sha256 prefix (unlike
+#: torchvision's), so nothing is pinned; the record lists the file's sha256.
+UNIAD_EFFICIENTNET_B4 = WeightFile(
+    key="backbone", what="EfficientNet-b4 ImageNet weights as UniAD loads them (EfficientNet-PyTorch 1.0 release, "
+                         "TensorFlow port)",
+    filenames=("efficientnet-b4-6ed6700e.pth",),
+    url="https://github.com/lukemelas/EfficientNet-PyTorch/releases/download/1.0/efficientnet-b4-6ed6700e.pth",
+    setting="backbone_weights_file",
+)
+
+#: The paper's range of the corruption step is in its Fig. 6, which our copy does not have: the
+#: grid spans the whole schedule (T = 1000) so that it contains any range the figure shows.
+TAU_GRID = (50, 100, 200, 300, 400, 500, 600, 700, 800, 900)
+
+SETTINGS = (
+    image_size(224),
+    interpolation("bilinear", choice="bilinear: 'we use bi-linear interpolation to resize the images to 224x224'"),
+    eval_batch_size(32),
+    precision("fp32", choice="fp32: the paper names no mixed precision (one RTX 3090)"),
+    Setting("backbone", str, "tf_efficientnet_b4", "timm name of the feature extractor",
+            choice="tf_efficientnet_b4: the TensorFlow-style EfficientNet-b4 (SAME padding, BatchNorm eps 1e-3) "
+                   "that the weights UniAD uses were trained as"),
+    Setting("backbone_layers", tuple[int, ...], (0, 1, 2, 3),
+            "timm out_indices of the aggregated stages ((0, 1, 2, 3) = UniAD's stages 1-4, 272 channels)"),
+    Setting("backbone_pretrained", bool, True,
+            "load ImageNet weights from disk (never downloaded); false = seeded random init + BatchNorm re-estimation"),
+    Setting("backbone_weights_file", str, "", "explicit path of the backbone weights (optional)"),
+    Setting("backbone_padding", str, "uniad",
+            "TensorFlow-style convolutions: padded for the native 380 px input (uniad) or for the actual input",
+            choices=("uniad", "dynamic"),
+            choice="uniad: UniAD's EfficientNet (EfficientNet-PyTorch 0.7.1) pads statically for 380 px, so at "
+                   "224 px stage 3's stride-2 5x5 convolution pads (2, 2) where TensorFlow's rule pads (1, 2)"),
+    Setting("feature_size", int, 32, "side of the aggregated feature grid", minimum=1,
+            choice="32: the paper's text; UniAD aggregates at 14 (stride 16)"),
+    Setting("feature_batch_size", int, 32, "images per backbone forward pass during fit", minimum=1),
+    Setting("feature_standardize", bool, True, "standardise each feature channel with training statistics",
+            choice="true: the paper is silent on feature scale; the noise schedule assumes unit-scale data "
+                   "(latent diffusion rescales its latents for the same reason)"),
+    Setting("timesteps", int, 1000, "diffusion steps T of the noise schedule", minimum=2),
+    Setting("beta_schedule", str, "squaredcos_cap_v2", "diffusers beta schedule (squaredcos_cap_v2 = cosine)",
+            choices=("squaredcos_cap_v2", "linear", "scaled_linear")),
+    Setting("base_channels", int, 256, "U-Net width of the first level", minimum=1),
+    Setting("channel_mults", tuple[int, ...], (1, 2, 3, 4), "U-Net width multiplier per level", minimum=1),
+    Setting("layers_per_block", int, 2, "U-Net residual blocks per level", minimum=1,
+            choice="2: the paper is silent; the latent-diffusion U-Nets with multipliers (1, 2, 3, 4) use 2"),
+    Setting("attention_resolutions", tuple[int, ...], (16, 8, 4), "feature-map sides with self-attention",
+            choice="16, 8, 4: paper silent; latent-diffusion configs attend at down-sampling factors 2, 4, 8"),
+    Setting("attention_head_dim", int, 32, "width of one attention head", minimum=1,
+            choice="32: paper silent; as the latent-diffusion configs"),
+    Setting("norm_groups", int, 32, "GroupNorm groups in the U-Net", minimum=1),
+    Setting("dropout", float, 0.0, "dropout in the U-Net residual blocks", minimum=0.0, maximum=1.0,
+            choice="0: paper silent"),
+    Setting("epochs", int, 1000, "training epochs of the diffusion U-Net", minimum=0),
+    Setting("train_batch_size", int, 64, "feature tensors per training step", minimum=1),
+    Setting("lr", float, 1e-4, "initial AdamW learning rate", minimum=0.0),
+    Setting("weight_decay", float, 1e-4, "AdamW weight decay", minimum=0.0),
+    Setting("lr_drop_at", float, 0.8, "fraction of the epochs after which the learning rate drops", minimum=0.0,
+            maximum=1.0),
+    Setting("lr_drop_factor", float, 0.1, "factor of that drop", minimum=0.0),
+    Setting("grad_clip_norm", float, 0.0, "clip the gradient norm to this value (0: no clipping)", minimum=0.0,
+            choice="0: the paper names none; UniAD's config clips at 0.1 (clip_max_norm), which LafitE's "
+                   "'following UniAD' may or may not include"),
+    Setting("coreset_ratio", float, 0.1, "fraction of training feature slices kept in the memory bank",
+            minimum=0.0, maximum=1.0),
+    Setting("coreset_projection_dim", int, 128, "random projection size used while selecting the coreset (0: none)",
+            minimum=0, choice="128: paper silent ('a greedy search algorithm'); PatchCore's projection"),
+    Setting("feature_editing", bool, True, "edit features with the memory bank before diffusion (false = 'w/o F.E.')"),
+    Setting("editing_weights", str, "normalized", "Eq. 10's neighbour weights: normalized (sum 1) or literal",
+            choices=("normalized", "literal"),
+            choice="normalized: Eq. 10 as printed gives weights 1 - softmax(d) that sum to K - 1 (all zero for "
+                   "K = 1), so the edited slice is about (K - 1) times a neighbour and the K search is driven "
+                   "by scale, against the text's 'will not lie too far from the normal data manifold'; divided "
+                   "by K - 1 they sum to one (a convex combination). 'literal' keeps the print."),
+    Setting("ddim_steps", int, 10, "U-Net evaluations of the DDIM reverse process from tau to 0", minimum=1,
+            choice="10: the paper does not give the DDIM step count; evenly spaced from tau to 0"),
+    Setting("ddim_eta", float, 0.0, "DDIM eta (0 = deterministic)", minimum=0.0,
+            choice="0: deterministic DDIM, the paper gives sigma_t only in general form"),
+    Setting("tau_grid", tuple[int, ...], TAU_GRID, "candidate corruption steps tau (one value: fixed, no search)",
+            minimum=1, choice="50 and 100..900 by 100: Fig. 6 (the paper's tau range) is not in our copy; the grid "
+                              "spans the whole schedule"),
+    Setting("k_grid", tuple[int, ...], (2, 3, 5, 10, 20), "candidate numbers of neighbours K (one value: fixed)",
+            minimum=2, choice="2, 3, 5, 10, 20: Fig. 6 is not in our copy; K >= 2 (Eq. 10 is degenerate for K = 1)"),
+    Setting("holdout_fraction", float, 0.1,
+            "share of each category's training images held out for pseudo-validation (used for nothing else)",
+            minimum=0.0, maximum=0.9,
+            choice="0.1: the paper does not say which normal images build the pseudo-validation set; these are "
+                   "kept out of the memory bank and the U-Net's training set so that tau and K are not chosen on "
+                   "images the model has seen"),
+    Setting("pseudo_val_per_category", int, 40,
+            "pseudo-validation images per category: half synthetic anomalies, the rest distinct held-out normals",
+            minimum=2, choice="40: paper silent; at most 20 distinct normal images plus 20 anomalies per category "
+                              "(MVTec AD holds out 6-39 images per category at 10 %)"),
+    Setting("pseudo_val_seed", int, 0, "seed of the held-out split and of the synthetic anomalies"),
+    Setting("bootstrap_rounds", int, 200, "resamples for the AUROC spread of each selection candidate (0: none)",
+            minimum=0),
+    Setting("smoothing_sigma", float, 4.0, "Gaussian sigma (pixels) applied to the upsampled anomaly map",
+            minimum=0.0),
+    Setting("score_pool_size", int, 16, "average-pooling window (pixels) before the max that gives the image score",
+            minimum=1, choice="16: the paper says 'average pooling' without a size; UniAD's evaluation "
+                              "(max with avgpool_size [16, 16], stride 1)"),
+    Setting("inference_seed", int, 0, "seed of the forward-diffusion noise at inference"),
+)
 
 PROFILES = {
-    "paper": {
-        **_COMMON, "pretrained": True, "image_size": 224, "feature_size": 32,
-        "base_channels": 256, "channel_mults": (1, 2, 3, 4), "layers_per_block": 2,
-        "attention_resolutions": (16, 8, 4), "norm_groups": 32,
-        "epochs": 1000, "batch_size": 64, "lr": 1e-4, "feature_batch_size": 32, "eval_batch_size": 32,
-        "ddim_steps": 10, "tau_grid": (100, 200, 300, 400, 500, 600, 700, 800), "k_grid": (2, 3, 5, 10, 20),
-        "pseudo_val_per_category": 20,
-    },
+    "paper": {},
     "tiny": {
-        **_COMMON, "backbone": "resnet18", "layers": (1, 2), "pretrained": False, "image_size": 128, "feature_size": 8,
-        "base_channels": 64, "channel_mults": (1, 2), "layers_per_block": 1,
-        "attention_resolutions": (), "norm_groups": 16,
-        "epochs": 8, "batch_size": 32, "lr": 3e-3, "feature_batch_size": 40, "eval_batch_size": 30,
-        "coreset_ratio": 0.5, "ddim_steps": 3, "tau_grid": (25, 100), "k_grid": (2, 5),
-        "pseudo_val_per_category": 8,
+        "backbone": "resnet18", "backbone_layers": (1, 2), "backbone_pretrained": False, "image_size": 128,
+        "feature_size": 8, "base_channels": 64, "channel_mults": (1, 2), "layers_per_block": 1,
+        "attention_resolutions": (), "norm_groups": 16, "epochs": 8, "train_batch_size": 32, "lr": 3e-3,
+        "feature_batch_size": 40, "eval_batch_size": 30, "coreset_ratio": 0.5, "ddim_steps": 3,
+        "tau_grid": (25, 100), "k_grid": (2, 5), "holdout_fraction": 0.15, "pseudo_val_per_category": 16,
+        "bootstrap_rounds": 100,
     },
 }
 
-SETTINGS_HELP = {
-    "backbone": "timm model name of the feature extractor (efficientnet_b4 in the paper)",
-    "layers": "timm out_indices of the aggregated stages ((0, 1, 2, 3) = UniAD's stages 1-4, 272 channels)",
-    "pretrained": "load ImageNet weights from disk (never downloaded); false = seeded random init + BatchNorm "
-                  "re-estimation, recorded as backbone_init=random",
-    "weights_file": "explicit path of the backbone weights (optional)",
-    "image_size": "side of the square input (224 in the paper)",
-    "feature_size": "side of the aggregated feature grid (paper text: 32; UniAD: 14)",
-    "feature_standardize": "standardise each feature channel with training statistics before diffusion",
-    "T": "diffusion steps of the noise schedule", "beta_schedule": "diffusers beta schedule (squaredcos_cap_v2 = cosine)",
-    "base_channels": "U-Net width of the first level", "channel_mults": "U-Net width multiplier per level",
-    "layers_per_block": "U-Net residual blocks per level",
-    "attention_resolutions": "feature-map sides with self-attention in the U-Net",
-    "attention_head_dim": "width of one attention head", "norm_groups": "GroupNorm groups in the U-Net",
-    "dropout": "dropout in the U-Net residual blocks",
-    "epochs": "training epochs of the diffusion U-Net", "batch_size": "training batch of feature tensors",
-    "lr": "initial AdamW learning rate", "weight_decay": "AdamW weight decay",
-    "lr_drop_at": "fraction of the epochs after which the learning rate drops",
-    "lr_drop_factor": "factor of that drop",
-    "feature_batch_size": "images per backbone forward pass during fit",
-    "eval_batch_size": "images per predict call (the FPS figure states it)",
-    "coreset_ratio": "fraction of training feature slices kept in the memory bank",
-    "coreset_projection_dim": "random projection size used while selecting the coreset (0: none)",
-    "feature_editing": "edit features with the memory bank before diffusion (false = the 'w/o F.E.' ablation)",
-    "editing_weights": "'paper' (Eq. 10 as printed, weights sum to K-1) or 'normalized' (weights sum to 1)",
-    "ddim_steps": "U-Net evaluations of the DDIM reverse process from tau to 0",
-    "ddim_eta": "DDIM eta (0 = deterministic)",
-    "tau_grid": "candidate corruption steps tau (one value: fixed, no search)",
-    "k_grid": "candidate numbers of neighbours K >= 2 (one value: fixed, no search)",
-    "pseudo_val_per_category": "pseudo-validation images per category (half synthetic anomalies)",
-    "pseudo_val_seed": "seed of the pseudo-validation set",
-    "smoothing_sigma": "Gaussian sigma (pixels) applied to the upsampled anomaly map",
-    "score_pool_size": "average-pooling window (pixels) before the max that gives the image score",
-    "inference_seed": "seed of the forward-diffusion noise at inference",
-}
+
+def weight_files(settings) -> list[WeightFile]:
+    """The backbone's ImageNet weights, unless it is randomly initialised."""
+    if not settings.backbone_pretrained:
+        return []
+    if settings.backbone == "tf_efficientnet_b4":
+        return [UNIAD_EFFICIENTNET_B4]
+    return [WeightFile(key="backbone", what=f"ImageNet weights of {settings.backbone}",
+                       filenames=(f"{settings.backbone}.safetensors", f"{settings.backbone}.pth"),
+                       repo_id=f"timm/{settings.backbone}", filename="model.safetensors",
+                       setting="backbone_weights_file")]
+
+
+def build(settings):
+    """The factory: builds LafitE's architecture (no weights are read)."""
+    from harness_lafite.model import LafitE
+
+    return LafitE(settings)
 
 
 @hookimpl
@@ -116,9 +186,10 @@ def harness_methods():
     """Return the LafitE method spec."""
     return [MethodSpec(
         name="lafite", paper=PAPER, protocols=("multiclass", "oneclass", "fewshot"), profiles=PROFILES,
-        factory=LafitE, settings_help=SETTINGS_HELP,
+        factory=build, settings=SETTINGS, paper_protocol="multiclass", weights=weight_files,
+        resources={"paper": Resources(gpus=1, cpus=4, memory_gb=32), "tiny": Resources(cpus=1)},
         description="Diffusion model over aggregated EfficientNet-b4 features; query features edited with a "
                     "coreset memory bank (weighted K nearest neighbours), noised to step tau and denoised by "
                     "DDIM; anomaly = feature reconstruction error. tau and K chosen on a pseudo-validation set "
-                    "of pasted-fragment anomalies made from training images.",
+                    "of pasted-fragment anomalies made from held-out training images.",
     )]

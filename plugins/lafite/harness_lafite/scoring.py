@@ -2,17 +2,18 @@
 
 - map: squared L2 distance between the reconstructed and the original feature slices at every
   position, upsampled bilinearly to the image size, smoothed with a Gaussian (sigma = 4 px);
-- image score: the maximum of the map after average pooling. The paper does not give the
-  pooling window; it follows UniAD, whose evaluation ("max" with ``avgpool_size: [16, 16]``,
-  stride 1) is used here: a 16 x 16 window, a setting (``score_pool_size``).
+- image score: the maximum of the map after average pooling (:func:`image_scores`, the toolkit's
+  :func:`harness.toolkit.scoring.pooled_max`, one round). The paper does not give the pooling
+  window; it follows UniAD, whose evaluation ("max" with ``avgpool_size: [16, 16]``, stride 1) is
+  used here: a 16 x 16 window, a setting (``score_pool_size``).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from harness.ops import gaussian_blur, resize_maps
+from harness.toolkit.ops import gaussian_blur, resize_maps
+from harness.toolkit.scoring import pooled_max
 
 
 def reconstruction_maps(original: torch.Tensor, reconstruction: torch.Tensor, size: tuple[int, int],
@@ -37,21 +38,6 @@ def reconstruction_maps(original: torch.Tensor, reconstruction: torch.Tensor, si
     return gaussian_blur(resize_maps(error, tuple(size)), float(sigma))
 
 
-def pooled_max(maps: torch.Tensor, pool: int) -> torch.Tensor:
-    """Image scores: maximum of the maps after a ``pool`` x ``pool`` average pooling (stride 1).
-
-    Parameters
-    ----------
-    maps : torch.Tensor
-        (B, H, W).
-    pool : int
-        Window side in pixels, clipped to the map size; 1 (or less) takes the plain maximum.
-
-    Returns
-    -------
-    torch.Tensor
-        (B,).
-    """
-    pool_h, pool_w = min(max(int(pool), 1), maps.shape[-2]), min(max(int(pool), 1), maps.shape[-1])
-    pooled = F.avg_pool2d(maps[:, None], kernel_size=(pool_h, pool_w), stride=1)
-    return pooled.flatten(1).amax(dim=1)
+def image_scores(maps: torch.Tensor, pool: int) -> torch.Tensor:
+    """Image scores: the maximum of the maps after one ``pool`` x ``pool`` average pooling (stride 1)."""
+    return pooled_max(maps, int(pool), rounds=1)

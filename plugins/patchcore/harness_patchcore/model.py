@@ -1,29 +1,41 @@
 """PatchCore (Roth et al., CVPR 2022): a coreset of pretrained patch features, scored by k-NN.
 
-Facts followed, from the paper and the authors' code (amazon-science/patchcore-inspection):
+Facts followed, from the paper and the authors' code (amazon-science/patchcore-inspection,
+``src/patchcore``); the ``paper`` profile follows the code where the two differ:
 
-- features of WideResNet-50-2 ``layer2`` and ``layer3`` (ImageNet weights), each averaged over its
-  3×3 neighbourhood, ``layer3`` upsampled bilinearly to ``layer2``'s grid;
-- each layer's feature vector adaptively average-pooled to ``pretrain_embed_dim`` channels, the
-  layers stacked and pooled again to ``target_embed_dim`` (the code's "preprocessing" and
-  "aggregator");
-- a memory bank of every training patch, reduced by greedy coreset selection to
-  ``coreset_ratio`` (10 %) on a random projection;
-- patch score = Euclidean distance to the nearest bank patch; image score = the largest patch
-  score (the code's default, not the paper's re-weighted Eq. 7); anomaly map = patch scores
-  upsampled bilinearly to the input size and smoothed with a Gaussian of σ = 4.
+- images resized to 256 (bilinear) and centre-cropped to 224 (their MVTec loader, ``--resize 256
+  --imagesize 224``; setting ``center_crop``);
+- features of WideResNet-50-2 ``layer2`` and ``layer3`` (torchvision's ImageNet V1 weights);
+- local aggregation exactly as their ``PatchMaker`` and ``MeanMapper`` do it: every position's
+  3 x 3 neighbourhood is unfolded (zero padding 1, stride 1) into a (C, 3, 3) patch; the patches of
+  ``layer3`` are resized bilinearly (``align_corners=False``) to ``layer2``'s grid, element by
+  element; each patch is flattened channel-major (C * 9 values) and adaptively average-pooled to
+  ``pretrain_embed_dim`` (1024) values; the layers' vectors are concatenated and pooled again to
+  ``target_embed_dim`` (1024). For ``layer2`` (512 channels: 4608 values pooled to 1024, windows of
+  4.5) output ``2c`` is the mean of the first five entries of channel c's neighbourhood and
+  ``2c + 1`` of the last five, both holding the centre; the final pooling averages such pairs, so
+  a ``layer2`` channel ends up with weight 0.2 on the centre and 0.1 on each neighbour, not the
+  1/9 of a plain 3 x 3 mean. ``layer3`` (9216 values to 1024) gets plain 3 x 3 means, and the
+  final pooling averages pairs of adjacent channels;
+- a memory bank of every training patch, reduced to ``int(0.1 * N)`` patches by their approximate
+  greedy coreset (random projection to 128 dimensions; the first pick is the row farthest, on
+  average, from 10 random rows);
+- patch score = distance to the nearest bank patch as their FAISS ``IndexFlatL2`` returns it, i.e.
+  the *squared* L2 distance (setting ``distance``; the paper writes the plain norm); image score
+  = the largest patch score (the code's default, not the paper's re-weighted Eq. 7); anomaly map
+  = patch scores upsampled bilinearly to the crop and smoothed with a Gaussian of sigma 4.
 
-Where the harness differs from the code: images are resized straight to ``image_size`` (the code
-resizes to 256 and centre-crops 224, which would hide defects at the border from the metrics);
-the neighbourhood aggregation is a 3×3 mean over the feature map (the code unfolds 3×3 patches
-and pools them, which is the same mean).
+The centre crop and the border: the authors crop masks as they crop images, so their metrics
+never see the outer 16 px of the 256-px image. The harness scores every pixel of every image with
+one metric code, so the map outside the crop is filled with the image's lowest score: a defect
+lying only in that border ring counts as missed (pixel metrics, AUPRO), and an image whose only
+defect is there gets the score of its crop. ``center_crop=0`` uses the whole image instead.
 
 The ``tiny`` profile runs the same code with a randomly initialised WideResNet-50-2 (no weights
-offline) at 128 px, ``layer1`` + ``layer2`` with 512-d embeddings and a 2 % coreset, seeded from
-the job and with BatchNorm statistics re-estimated on the training images. Random features are
-far weaker than ImageNet ones: on the embedded synthetic set it reaches an image AUROC of about
-0.78 (multi-class), against the high 0.9s that pretrained PatchCore reaches on MVTec AD. It
-exercises the code path; it is not a measure of PatchCore's accuracy.
+offline) at 128 px without a crop, ``layer1`` + ``layer2`` with 512-d embeddings and a 2 % coreset,
+seeded from the job and with BatchNorm statistics re-estimated on the training images. Random
+features are far weaker than ImageNet ones: it exercises the code path; it is not a measure of
+PatchCore's accuracy.
 """
 
 from __future__ import annotations
@@ -64,21 +76,20 @@ class PatchCore(Method):
         self.bank = self.bank.to(self.device)
         return self
 
+    def crop(self, images: torch.Tensor) -> torch.Tensor:
+        """The centre crop the backbone sees (torchvision's ``CenterCrop`` rounding); all of it without one."""
+        side = int(self.settings.center_crop)
+        h, w = images.shape[-2:]
+        if side <= 0 or (side >= h and side >= w):
+            return images
+        top, left = int(round((h - min(side, h)) / 2.0)), int(round((w - min(side, w)) / 2.0))
+        return images[..., top:top + min(side, h), left:left + min(side, w)]
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch features of a batch: (B, h, w, D) on ``layer2``'s grid."""
+        """Patch features of a batch of (cropped) images: (B, h, w, D) on the first layer's grid."""
         layers = self.backbone(imagenet_normalize(images))
-        grid = layers[0].shape[-2:]
-        pooled = []
-        for feats in layers:
-            feats = F.avg_pool2d(feats, kernel_size=3, stride=1, padding=1)
-            if feats.shape[-2:] != grid:
-                feats = F.interpolate(feats, size=grid, mode="bilinear", align_corners=False)
-            b, c, h, w = feats.shape
-            per_position = feats.permute(0, 2, 3, 1).reshape(-1, 1, c)
-            pooled.append(F.adaptive_avg_pool1d(per_position, self.settings.pretrain_embed_dim)[:, 0])
-        stacked = torch.stack(pooled, dim=1).reshape(pooled[0].shape[0], 1, -1)
-        embedded = F.adaptive_avg_pool1d(stacked, self.settings.target_embed_dim)[:, 0]
-        return embedded.reshape(images.shape[0], grid[0], grid[1], -1)
+        return aggregate_patches(layers, self.settings.patchsize, self.settings.pretrain_embed_dim,
+                                 self.settings.target_embed_dim)
 
     def fit(self, train: TrainSet, context: FitContext) -> None:
         """Build the memory bank from every training patch and reduce it to a coreset.
@@ -110,13 +121,18 @@ class PatchCore(Method):
             with torch.no_grad(), autocast(self.device, s.precision):
                 for images, _ in context.progress.iterate(batches, total=-(-len(train) // s.train_batch_size),
                                                           desc="patchcore features"):
-                    patches.append(self.embed(images.to(self.device)).float().reshape(-1, s.target_embed_dim))
+                    feats = self.embed(self.crop(images.to(self.device))).float()
+                    patches.append(feats.reshape(-1, s.target_embed_dim))
             bank = torch.cat(patches)
-            keep = greedy_coreset(bank, s.coreset_ratio, projection_dim=s.coreset_projection_dim or None,
-                                  seed=context.seed)
+            # The authors' sampler keeps int(N * ratio) rows (at least one here).
+            keep = greedy_coreset(bank, n=max(1, int(bank.shape[0] * s.coreset_ratio)),
+                                  projection_dim=s.coreset_projection_dim or None, seed=context.seed,
+                                  starting_points=s.coreset_starting_points)
             self.bank = bank[keep].contiguous()
             context.info["memory_bank"] = {"patches": int(bank.shape[0]), "coreset": int(self.bank.shape[0]),
-                                           "coreset_ratio": s.coreset_ratio}
+                                           "coreset_ratio": s.coreset_ratio,
+                                           "coreset_starting_points": s.coreset_starting_points}
+            context.info["center_crop"] = self._crop_info(train.size)
             position.extra["info"] = dict(context.info)
 
     def _random_backbone(self, train: TrainSet, seed: int, batch_size: int) -> None:
@@ -136,28 +152,48 @@ class PatchCore(Method):
             fresh = create_features(self.settings.backbone, self.settings.backbone_layers)
         self.backbone.load_state_dict(fresh.state_dict())
         self.backbone.to(self.device)
-        recalibrate_batchnorm(self.backbone, (imagenet_normalize(x.to(self.device))
+        recalibrate_batchnorm(self.backbone, (imagenet_normalize(self.crop(x.to(self.device)))
                                               for x, _ in train.batches(batch_size)))
+
+    def _crop_info(self, size: Sequence[int]) -> dict[str, Any]:
+        """What the crop keeps of an image of ``size``, for the record."""
+        h, w = (int(v) for v in size)
+        probe = self.crop(torch.zeros(1, 1, h, w, device="meta"))
+        ch, cw = probe.shape[-2:]
+        return {"side": int(self.settings.center_crop), "kept": [int(ch), int(cw)], "image": [h, w],
+                "border_scored_as": "the image's lowest score" if (ch, cw) != (h, w) else None}
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, categories: Sequence[str]) -> Prediction:
         """Score a batch against the single memory bank (``categories`` is not needed).
 
-        Patch score = Euclidean distance to the nearest bank patch (k = 1). Image score = the
-        largest *unsmoothed* patch score, as the official code computes it by default (the
+        Patch score = the mean over ``num_neighbours`` (1) nearest bank patches of the squared
+        (``distance="squared"``, the authors' FAISS) or plain Euclidean distance. Image score =
+        the largest *unsmoothed* patch score, as the official code computes it by default (the
         paper's Eq. 7 re-weighting by neighbourhood density is not used there either). Anomaly
-        map = patch scores upsampled bilinearly to the input size, then Gaussian-smoothed with
-        ``smoothing_sigma`` (4 px).
+        map = patch scores upsampled bilinearly to the crop, Gaussian-smoothed with
+        ``smoothing_sigma`` (4 px), and placed in a map of the input size whose outside-the-crop
+        border holds the image's lowest score (see the module docstring).
         """
-        with autocast(self.device, self.settings.precision):
-            feats = self.embed(images).float()
+        s = self.settings
+        cropped = self.crop(images)
+        with autocast(self.device, s.precision):
+            feats = self.embed(cropped).float()
         b, h, w, d = feats.shape
-        dist, _ = nearest_neighbour_distance(feats.reshape(-1, d), self.bank, k=1)
-        patch_scores = dist[:, 0].reshape(b, h, w)
+        k = min(int(s.num_neighbours), self.bank.shape[0])
+        dist, _ = nearest_neighbour_distance(feats.reshape(-1, d), self.bank, k=k)
+        if s.distance == "squared":
+            dist = dist * dist
+        patch_scores = dist.mean(dim=1).reshape(b, h, w)
         image_scores = patch_scores.flatten(1).amax(1)
-        maps = resize_maps(patch_scores, images.shape[-2:])
-        maps = gaussian_blur(maps, self.settings.smoothing_sigma)
-        return Prediction(maps, image_scores)
+        maps = gaussian_blur(resize_maps(patch_scores, cropped.shape[-2:]), s.smoothing_sigma)
+        if tuple(cropped.shape[-2:]) != tuple(images.shape[-2:]):
+            full = maps.flatten(1).amin(1).view(b, 1, 1).expand(b, *images.shape[-2:]).clone()
+            top = int(round((images.shape[-2] - cropped.shape[-2]) / 2.0))
+            left = int(round((images.shape[-1] - cropped.shape[-1]) / 2.0))
+            full[:, top:top + cropped.shape[-2], left:left + cropped.shape[-1]] = maps
+            maps = full
+        return Prediction(maps.float(), image_scores.float())
 
     def state_dict(self) -> dict[str, Any]:
         """Backbone (its BatchNorm statistics may be recalibrated) and memory bank."""
@@ -167,6 +203,54 @@ class PatchCore(Method):
         """Restore :meth:`state_dict`."""
         self.backbone.load_state_dict(state["backbone"])
         self.bank = state["bank"].to(self.device)
+
+
+def aggregate_patches(layers: Sequence[torch.Tensor], patchsize: int, pretrain_dim: int,
+                      target_dim: int) -> torch.Tensor:
+    """PatchCore's locally aware patch features, as the authors' code computes them.
+
+    Parameters
+    ----------
+    layers : sequence of torch.Tensor
+        (B, C_l, h_l, w_l) feature maps; the first one's grid is the patch grid.
+    patchsize : int
+        Neighbourhood side p (3): each position's p x p neighbourhood (zero padding (p - 1) // 2,
+        stride 1) is unfolded into C_l * p * p values.
+    pretrain_dim : int
+        Every layer's unfolded values, flattened channel-major, are adaptively average-pooled to
+        this many (the authors' ``MeanMapper``).
+    target_dim : int
+        The layers' pooled vectors, concatenated in layer order, are pooled again to this many
+        (their ``Aggregator``).
+
+    Returns
+    -------
+    torch.Tensor
+        (B, h_0, w_0, target_dim).
+
+    Notes
+    -----
+    A later layer's unfolded values are resized to the first grid one by one (bilinear,
+    ``align_corners=False``), as in the authors' ``_embed``. The pooling windows straddle the
+    p * p entries of a channel (see the module docstring for what that weighs).
+    """
+    pad = (int(patchsize) - 1) // 2
+    grid = None
+    pooled = []
+    for feats in layers:
+        b, c, h, w = feats.shape
+        unfolded = F.unfold(feats, kernel_size=int(patchsize), padding=pad, stride=1)
+        side_h, side_w = h + 2 * pad - int(patchsize) + 1, w + 2 * pad - int(patchsize) + 1
+        unfolded = unfolded.reshape(b, -1, side_h, side_w)
+        if grid is None:
+            grid = (side_h, side_w)
+        elif (side_h, side_w) != grid:
+            unfolded = F.interpolate(unfolded, size=grid, mode="bilinear", align_corners=False)
+        per_position = unfolded.permute(0, 2, 3, 1).reshape(-1, 1, unfolded.shape[1])
+        pooled.append(F.adaptive_avg_pool1d(per_position, int(pretrain_dim))[:, 0])
+    stacked = torch.stack(pooled, dim=1).reshape(pooled[0].shape[0], 1, -1)
+    embedded = F.adaptive_avg_pool1d(stacked, int(target_dim))[:, 0]
+    return embedded.reshape(layers[0].shape[0], grid[0], grid[1], -1)
 
 
 class _Bank:
