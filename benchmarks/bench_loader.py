@@ -8,7 +8,12 @@ to RGB and resize to 256x256 (bicubic):
 - ``ImageCache, epoch 1``: the first pass through :class:`harness.data.ImageCache` (decodes);
 - ``ImageCache, epoch 2``: the second pass (every image comes from memory).
 
-Run: ``python benchmarks/bench_loader.py [--n 256] [--size 512] [--out 256] [--repeats 3]``.
+Then the memory bound: a cache limited to ``--bound-mb`` (default: a quarter of the decoded set)
+is filled with every image three times over, in a loop, and its largest size is compared with
+the bound (it must never exceed it, and the process's resident memory must grow by about the
+bound, not by the whole set), and its hit rate is reported.
+
+Run: ``python benchmarks/bench_loader.py [--n 256] [--size 512] [--out 256] [--repeats 3] [--bound-mb MB]``.
 """
 
 from __future__ import annotations
@@ -61,6 +66,22 @@ def cached_epochs(paths: list[Path], out: int) -> tuple[float, float]:
     return times[0], times[1]
 
 
+def bounded_cache(paths: list[Path], out: int, bound: int) -> dict[str, float]:
+    """Cycle through every image three times with a cache of ``bound`` bytes; what it held at most."""
+    import resource
+
+    cache = ImageCache(max_bytes=bound)
+    samples = [Sample(f"bench/train/good/{p.stem}", "bench", "train", 0, "good", p) for p in paths]
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = 0
+    for _ in range(3):
+        for sample in samples:
+            cache.image("bench", sample, (out, out))
+            peak = max(peak, cache.nbytes)
+    rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+    return {"bound": bound, "peak": peak, "hits": cache.hits, "misses": cache.misses, "rss_growth": rss_growth}
+
+
 def main() -> None:
     """Build the tree, time each loader (best of ``--repeats``), print a table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -68,9 +89,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--out", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bound-mb", type=float, default=None,
+                        help="memory bound of the bounded-cache run (default: a quarter of the decoded set)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_tree(Path(tmp), args.n, args.size)
+        bound = int(args.bound_mb * 2**20) if args.bound_mb else args.n * args.out * args.out * 3 // 4
+        bounded = bounded_cache(paths, args.out, bound)
         pil = min(plain_pil(paths, args.out) for _ in range(args.repeats))
         runs = [cached_epochs(paths, args.out) for _ in range(args.repeats)]
         first, second = min(r[0] for r in runs), min(r[1] for r in runs)
@@ -80,6 +105,11 @@ def main() -> None:
     for name, seconds in [("PIL open+convert+resize", pil), ("ImageCache, epoch 1", first),
                           ("ImageCache, epoch 2", second)]:
         print(f"{name:<24}{args.n / seconds:>12.0f}{1000 * seconds / args.n:>12.3f}")
+    total = args.n * args.out * args.out * 3
+    print(f"\nbounded cache: bound {bounded['bound'] / 2**20:.1f} MiB (decoded set {total / 2**20:.1f} MiB); "
+          f"largest size held {bounded['peak'] / 2**20:.1f} MiB; peak RSS grew by {bounded['rss_growth'] / 2**20:.1f} MiB; "
+          f"{bounded['hits']} hits, {bounded['misses']} misses over 3 passes")
+    print("bound held" if bounded["peak"] <= bounded["bound"] else "BOUND EXCEEDED")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.registry import load_registry
     from harness.runner import run_plan
 
+    if args.tracker:
+        # Tracker reporters (harness_mlflow, ...) switch themselves on from this variable.
+        import os
+
+        os.environ["HARNESS_TRACKER"] = ",".join(_split(args.tracker))
     registry = load_registry()
     for problem in registry.problems:
         print(f"warning: {problem}", file=sys.stderr)
@@ -160,7 +165,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         executor=args.executor, save_maps=args.save_maps, job_gpus=args.job_gpus, job_cpus=args.job_cpus,
         ray_address=args.address, retries=args.retries,
     )
-    options.torch_device()  # a CUDA request on a machine without CUDA is a usage error, found now
+    if args.executor == "inprocess":
+        # A CUDA request on a machine without CUDA is a usage error, found now; on a cluster the
+        # workers, not this driver, have the GPUs.
+        options.torch_device()
     executor_spec = registry.executor(args.executor)
     plan = Planner(registry, options).plan(jobs)
     report = run_preflight(plan, check_images=not args.skip_data_check, probe_folders=not args.dry_run)
@@ -172,7 +180,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise PreflightError("the preflight found problems before any fit (nothing was run):\n"
                              + "\n".join(f"  - {p}" for p in report.problems))
     executor = executor_spec.factory(options)
-    print(f"running {len(jobs)} job(s) on {options.torch_device()} ({args.executor}); records in "
+    where = options.torch_device() if args.executor == "inprocess" else f"--device {args.device}"
+    print(f"running {len(jobs)} job(s) on {where} ({args.executor}); records in "
           f"{options.results_dir / 'records'}", file=sys.stderr)
     summary = run_plan(registry, plan, executor)
     for problem in registry.problems:
@@ -379,6 +388,9 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
     from harness.registry import load_registry
 
+    results = Path(args.results_dir)
+    if results.exists() and not results.is_dir():
+        raise UsageError(f"--results-dir {results} is a file, not a folder of records")
     reported = None if args.no_reported else (Path(args.reported_dir) if args.reported_dir else default_reported_dir())
     formats = _split(args.format) or ["markdown"]
     metrics = load_registry().metric_specs()
@@ -461,6 +473,40 @@ def cmd_data_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+class _WarningCollector:
+    """Keeps each distinct warning once, with how often it came (for ``showwarning``).
+
+    Recording every occurrence (``catch_warnings(record=True)``) grows without bound when a
+    library warns inside a loop: a paper-profile run collected gigabytes of identical warnings
+    that way. Keyed by category, text and place, the collection stays as small as the set of
+    distinct warnings.
+    """
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple, list] = {}
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None) -> None:
+        key = (category, str(message), filename, lineno)
+        if key in self.seen:
+            self.seen[key][1] += 1
+        else:
+            self.seen[key] = [message, 1]
+
+    def print(self) -> None:
+        """The harness's own warnings as one ``warning:`` line each; others as Python shows them."""
+        from harness.errors import HarnessWarning
+
+        shown = set()
+        for (category, text, filename, lineno), (message, count) in self.seen.items():
+            if issubclass(category, HarnessWarning):
+                if text not in shown:
+                    shown.add(text)
+                    print(f"warning: {text}", file=sys.stderr)
+            elif not issubclass(category, (DeprecationWarning, PendingDeprecationWarning)):
+                repeat = f" (x{count})" if count > 1 else ""
+                sys.stderr.write(warnings.formatwarning(f"{message}{repeat}", category, filename, lineno))
+
+
 # -- parser ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``harness`` command."""
@@ -504,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retries", type=int, default=2, help="retries of a job whose worker died (Ray)")
     run.add_argument("--save-maps", default="sample", choices=["none", "sample", "all"],
                      help="keep anomaly maps for the report and export-maps (default: a fixed sample)")
+    run.add_argument("--tracker", default=None, metavar="NAME[,NAME]",
+                     help="send each job to a tracker reporter plugin, e.g. mlflow (pip install 'harness-ad[mlflow]')")
     run.add_argument("--force", action="store_true", help="redo jobs that already finished")
     run.add_argument("--no-fit-cache", action="store_true", help="do not store finished fits or checkpoints")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -561,6 +609,30 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--force", action="store_true", help="fetch even the files already present")
         cmd.set_defaults(func=func)
 
+    from harness.report.commands import cmd_export_maps, cmd_report
+
+    report = sub.add_parser("report", help="a static HTML report: tables, accuracy vs FPS, curves, overlays")
+    report.add_argument("--out", required=True, help="folder to write index.html and its images into")
+    report.add_argument("--results-dir", default="results", help="the results folder (default: results)")
+    report.add_argument("--reported-dir", default=None, help="folder of the papers' reported numbers (CSV)")
+    report.add_argument("--no-reported", action="store_true", help="leave the papers' reported numbers out")
+    report.set_defaults(func=cmd_report)
+
+    export = sub.add_parser("export-maps", help="saved maps (--save-maps all) in the official MVTec evaluation layout")
+    export.add_argument("--results-dir", default="results", help="the results folder (default: results)")
+    export.add_argument("--method", required=True, help="the method whose records are exported")
+    export.add_argument("--dataset", action="append", default=[], metavar="D",
+                        help="only these datasets (repeat, or comma-separated; default: all)")
+    export.add_argument("--protocol", default=None, choices=["multiclass", "fewshot", "oneclass"],
+                        help="only this protocol")
+    export.add_argument("--profile", default=None, help="only this profile")
+    export.add_argument("--seed", type=int, default=None, help="only this seed")
+    export.add_argument("--ground-truth", action="store_true",
+                        help="also write the test images and masks at the evaluation size (a complete MVTec-layout "
+                             "folder for the official evaluation script)")
+    export.add_argument("--out", required=True, help="folder for <category>/test/<defect>/<stem>.tiff")
+    export.set_defaults(func=cmd_export_maps)
+
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     synth = data_sub.add_parser("synth", help="write the synthetic dataset to disk in the MVTec-AD layout")
@@ -579,18 +651,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``harness`` console script."""
     args = build_parser().parse_args(argv)
+    # File names that are not UTF-8 reach messages as surrogates; print them escaped, never crash.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     if getattr(args, "debug", False):
         import logging
 
         logging.basicConfig(level=logging.DEBUG)
     try:
+        collector = _WarningCollector()
         with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = collector
             if getattr(args, "command", "") in ("run", "evaluate"):
                 # Undefined metrics (e.g. no defect pixel) are reported as NaN in the tables.
                 from harness.metrics import UndefinedMetricWarning
 
                 warnings.filterwarnings("ignore", category=UndefinedMetricWarning)
-            return int(args.func(args) or 0)
+            try:
+                code = int(args.func(args) or 0)
+            finally:
+                collector.print()
+        return code
     except HarnessError as exc:
         if args.debug:
             raise

@@ -10,7 +10,9 @@ Conventions
 - Images are RGB ``uint8`` arrays of shape (H, W, 3) after reading; greyscale files are
   converted to RGB.
 - Masks are boolean arrays of shape (H, W): a pixel is defective when its stored value is > 0
-  (any channel, for colour masks). Loaders whose masks use another encoding pass a callable.
+  (any colour channel; an alpha channel is ignored). Masks with values other than 0 and 255
+  (class indices, anti-aliased edges) are binarised the same way; ``harness data summary``
+  notes them. Loaders whose masks use another encoding pass a callable.
 - Tensors given to methods are ``float32`` in [0, 1], shape (N, 3, H, W), not normalised: each
   method applies its own normalisation, as its paper does.
 """
@@ -103,8 +105,40 @@ class DatasetIndex:
     problems: list[str] = field(default_factory=list)
 
 
+def _to_rgb8(img: "Image.Image") -> np.ndarray:
+    """Pixels of an opened image as RGB ``uint8``, whatever its mode.
+
+    - EXIF orientation is applied (the image as every viewer shows it; masks get the same
+      treatment, so image and mask stay aligned);
+    - 16- and 32-bit greyscale (``I;16``, ``I``) is scaled to 8 bits by its bit depth (not clipped,
+      which would saturate nearly every pixel); float images (``F``) are taken as [0, 1] when
+      their maximum is at most 1, else as 8-bit values;
+    - palette, CMYK, YCbCr and greyscale become RGB; an alpha channel is dropped (anomaly data is
+      opaque; transparent pixels keep their colour).
+    """
+    from PIL import ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(img).astype(np.float64)
+        depth = 16 if img.mode.startswith("I;16") or array.max(initial=0) <= 65535 else 32
+        gray = np.clip(array / (2 ** depth - 1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if img.mode == "F":
+        array = np.asarray(img).astype(np.float64)
+        scale = 255.0 if np.nanmax(array, initial=0) <= 1.0 else 1.0
+        gray = np.clip(np.nan_to_num(array) * scale + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return np.asarray(img.convert("RGB"))
+
+
 def read_image(source: ImageSource) -> np.ndarray:
     """Decode an image as an RGB ``uint8`` array of shape (H, W, 3).
+
+    Any mode Pillow reads is accepted (see :func:`_to_rgb8`: EXIF rotation applied, 16-bit
+    scaled, palette / CMYK / alpha converted).
 
     Parameters
     ----------
@@ -126,11 +160,14 @@ def read_image(source: ImageSource) -> np.ndarray:
         try:
             with Image.open(source) as img:
                 img.load()
-                array = np.asarray(img.convert("RGB"))
-        except (OSError, ValueError) as exc:
-            raise DatasetError(f"cannot read image {source}: {exc}. Re-extract or remove the file.") from exc
+                array = _to_rgb8(img)
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise DatasetError(f"cannot read image {source}: {exc}. Re-extract it from the dataset archive, or "
+                               "remove it.") from exc
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim == 3 and array.shape[2] == 4:
+        array = array[:, :, :3]
     if array.dtype != np.uint8:
         array = np.clip(array, 0, 255).astype(np.uint8)
     return array
@@ -158,11 +195,20 @@ def read_mask(source: ImageSource | None, shape: tuple[int, int] | None = None) 
         array = np.asarray(source())
     else:
         try:
+            from PIL import ImageOps
+
             with Image.open(source) as img:
                 img.load()
-                array = np.asarray(img)
-        except (OSError, ValueError) as exc:
-            raise DatasetError(f"cannot read mask {source}: {exc}. Re-extract or remove the file.") from exc
+                img = ImageOps.exif_transpose(img)
+                if img.mode in ("P", "PA") and "transparency" not in img.info:
+                    img = img.convert("L")
+                # An alpha channel says nothing about defects (BMAD's masks are opaque RGBA).
+                if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+                    img = img.convert("RGB" if img.mode.startswith("R") else "L")
+                array = np.asarray(img.convert("L") if img.mode in ("P", "CMYK", "YCbCr") else img)
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise DatasetError(f"cannot read mask {source}: {exc}. Re-extract it from the dataset archive, or "
+                               "remove it.") from exc
     if array.ndim == 3:
         array = array.max(axis=2)
     return array > 0

@@ -138,6 +138,38 @@ def check_files(samples: Iterable[Sample]) -> tuple[dict[Path, tuple[int, int]],
     return sizes, problems
 
 
+#: Image modes that reading converts, with what happens to them (see :func:`harness.data.read_image`).
+CONVERTED_MODES = {
+    "I;16": "16-bit greyscale, scaled to 8 bits", "I;16B": "16-bit greyscale, scaled to 8 bits",
+    "I": "32-bit integer greyscale, scaled to 8 bits", "F": "floating-point greyscale, scaled to 8 bits",
+    "P": "palette colours, converted to RGB", "CMYK": "CMYK, converted to RGB", "RGBA": "with alpha, alpha dropped",
+    "LA": "greyscale with alpha, alpha dropped", "PA": "palette with alpha, alpha dropped",
+}
+
+
+def conversion_notes(samples: Iterable[Sample]) -> list[str]:
+    """What reading does to images that are not plain 8-bit RGB or greyscale (one line per kind).
+
+    Reads headers only: the mode, and the EXIF orientation (images stored rotated are turned
+    upright, and so are their masks).
+    """
+    found: dict[str, list[Path]] = {}
+    for sample in samples:
+        path = source_path(sample.image)
+        if path is None:
+            continue
+        try:
+            with Image.open(path) as img:
+                mode, orientation = img.mode, img.getexif().get(0x0112, 1)
+        except Exception:  # noqa: BLE001 - unreadable files are reported by check_files
+            continue
+        if mode in CONVERTED_MODES:
+            found.setdefault(CONVERTED_MODES[mode], []).append(path)
+        if orientation not in (None, 1):
+            found.setdefault("stored rotated (EXIF orientation), turned upright", []).append(path)
+    return [f"{len(paths)} image(s) {what}, e.g. {paths[0]}" for what, paths in found.items()]
+
+
 def header_sizes(samples: Iterable[Sample]) -> list[str]:
     """Distinct image sizes of ``samples`` as ``"WxH"`` strings, read from file headers only.
 
@@ -202,10 +234,11 @@ def summarize(index: DatasetIndex, official_counts: Mapping[str, Mapping[str, in
     -------
     dict
         ``{"dataset", "root", "categories": [{"category", "train", "test_normal",
-        "test_anomalous", "masks", "image_sizes", "official"}], "problems", "warnings"}``.
+        "test_anomalous", "masks", "image_sizes", "official"}], "problems", "warnings", "notes"}``;
+        ``notes`` say which files reading converts (16-bit, palette, CMYK, alpha, EXIF rotation).
     """
     official_counts = official_counts or {}
-    rows, warnings = [], []
+    rows, warnings, notes = [], [], []
     problems = list(index.problems)
     for name, cat in index.categories.items():
         counts = category_counts(cat)
@@ -213,6 +246,7 @@ def summarize(index: DatasetIndex, official_counts: Mapping[str, Mapping[str, in
         if check:
             sizes, found = check_files(samples)
             problems += found
+            notes += [f"{name}: {note}" for note in conversion_notes(samples)]
             generated = [s for s in samples if source_path(s.image) is None]
             image_sizes = sorted({f"{w}x{h}" for w, h in sizes.values()} | set(header_sizes(generated)),
                                  key=lambda t: tuple(int(v) for v in t.split("x")))
@@ -223,7 +257,7 @@ def summarize(index: DatasetIndex, official_counts: Mapping[str, Mapping[str, in
         rows.append({"category": name, **counts, "image_sizes": image_sizes,
                      "official": dict(official) if official else None})
     return {"dataset": index.name, "root": str(index.root) if index.root is not None else None,
-            "categories": rows, "problems": problems, "warnings": warnings}
+            "categories": rows, "problems": problems, "warnings": warnings, "notes": notes}
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
@@ -249,6 +283,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines = [f"{summary['dataset']} at {summary['root']}",
              tabulate([*rows, totals], headers=["category", "train", "test normal", "test anomalous", "masks",
                                                 "image sizes", "official train/normal/anomalous"], tablefmt="simple")]
+    lines += [f"note: {n}" for n in summary.get("notes", [])]
     lines += [f"warning: {w}" for w in summary["warnings"]]
     lines += [f"problem: {p}" for p in summary["problems"]]
     if not summary["problems"]:

@@ -25,3 +25,7 @@ class MethodOutputError(HarnessError):
 
 class UsageError(HarnessError):
     """A command-line option has a value the harness cannot use."""
+
+
+class HarnessWarning(UserWarning):
+    """Something the user should know that does not stop the command; shown as one ``warning:`` line."""

@@ -15,6 +15,10 @@ rule); the image label is the test folder's.
 A test image without a map is an error naming the file (a partial evaluation would not be
 comparable); a map file that matches no test image is reported as a warning and ignored.
 
+A method's own image scores may come with the maps: ``<maps>/<category>/image_scores.csv``
+(columns ``file`` = ``test/<defect>/<stem>`` and ``score``, as ``harness export-maps`` writes it)
+is used instead of the map maximum for that category; it must list every test image.
+
 The result is one record per call, shaped like a run's (see :mod:`harness.records`), with
 ``method`` = the given name and ``profile`` = ``"maps"``, so ``harness leaderboard`` lists it
 beside the methods run here.
@@ -37,6 +41,8 @@ from harness.errors import UsageError
 MAP_SUFFIXES = (".tiff", ".tif", ".npy")
 #: ``profile`` of the records written by ``harness evaluate``.
 EVALUATE_PROFILE = "maps"
+#: Optional per-category file of the method's own image scores.
+IMAGE_SCORES_FILE = "image_scores.csv"
 _BATCH = 16
 
 
@@ -56,11 +62,14 @@ class MapsEvaluation:
         Map files that match no test image (ignored).
     n_maps : int
         Maps scored.
+    score_files : list of Path
+        The ``image_scores.csv`` files used (categories without one use the map maximum).
     """
 
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     extra_files: list[Path] = field(default_factory=list)
     n_maps: int = 0
+    score_files: list[Path] = field(default_factory=list)
 
 
 def map_path(maps_dir: Path, sample: Sample) -> Path | None:
@@ -139,6 +148,31 @@ def _ground_truth(sample: Sample, amap: np.ndarray, path: Path, eval_size: int |
     return amap, mask
 
 
+def read_image_scores(maps_dir: Path, category: str) -> dict[str, float] | None:
+    """``{test/<defect>/<stem>: score}`` from ``<maps>/<category>/image_scores.csv``, or None without one.
+
+    Raises
+    ------
+    MapError
+        When the file cannot be parsed; the message names it.
+    """
+    import csv
+
+    path = Path(maps_dir) / category / IMAGE_SCORES_FILE
+    if not path.is_file():
+        return None
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        scores = {row["file"]: float(row["score"]) for row in rows}
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise MapError(f"image scores {path} cannot be read (expected columns file,score): {exc}") from exc
+    bad = [name for name, value in scores.items() if not np.isfinite(value)]
+    if bad:
+        raise MapError(f"image scores {path}: NaN or inf for {', '.join(bad[:5])}")
+    return scores
+
+
 def find_extra_files(maps_dir: Path, categories: Iterable[str], expected: set[Path]) -> list[Path]:
     """Map files under the categories' ``test`` folders that match no test image."""
     extra = []
@@ -206,6 +240,13 @@ def evaluate_maps(maps_dir: Path, index: DatasetIndex, categories: Sequence[str]
     for category in names:
         accumulator = MetricAccumulator(name=category)
         pairs = paths[category]
+        own = read_image_scores(maps_dir, category)
+        if own is not None:
+            result.score_files.append(maps_dir / category / IMAGE_SCORES_FILE)
+            unlisted = [s.key for s, _ in pairs if s.key.partition("/")[2] not in own]
+            if unlisted:
+                raise MapError(f"{maps_dir / category / IMAGE_SCORES_FILE} has no score for {len(unlisted)} test "
+                               f"image(s): {', '.join(unlisted[:5])}")
         for start in range(0, len(pairs), _BATCH):
             batch = pairs[start:start + _BATCH]
             maps, masks = [], []
@@ -213,8 +254,10 @@ def evaluate_maps(maps_dir: Path, index: DatasetIndex, categories: Sequence[str]
                 amap, mask = _ground_truth(sample, read_map(path), path, eval_size)
                 maps.append(amap)
                 masks.append(mask)
+            scores = None if own is None else [own[s.key.partition("/")[2]] for s, _ in batch]
             try:
-                accumulator.update(maps, masks, labels=[s.label for s, _ in batch], names=[str(p) for _, p in batch])
+                accumulator.update(maps, masks, image_scores=scores, labels=[s.label for s, _ in batch],
+                                   names=[str(p) for _, p in batch])
             except ValueError as exc:
                 raise MapError(str(exc)) from exc
         result.metrics[category] = accumulator.compute()
@@ -241,7 +284,8 @@ def evaluation_record(evaluation: MapsEvaluation, *, name: str, dataset: str, pr
         "metrics": evaluation.metrics, "mean": mean_over_categories(evaluation.metrics),
         "efficiency": {"n_test_images": evaluation.n_maps},
         "method_info": {"source": "harness evaluate", "maps_dir": str(Path(maps_dir).resolve()),
-                        "image_score": "maximum of the anomaly map",
+                        "image_score": ("the method's own (image_scores.csv)" if evaluation.score_files
+                                        else "maximum of the anomaly map"),
                         "eval_size": eval_size or "native (mask resolution)",
                         "extra_map_files_ignored": len(evaluation.extra_files)},
         "settings": {},

@@ -28,7 +28,13 @@ from harness.specs import MetricSpec
 
 
 class MapSink(Protocol):
-    """Receives every checked batch of maps at the evaluation size (e.g. to save some of them)."""
+    """Receives every checked batch of maps at the evaluation size (e.g. to save some of them).
+
+    ``close()`` (optional) is called once after the job's last category and returns a mapping
+    that goes into the record's ``artifacts``. ``category_finished(category, accumulator)``
+    (optional) is called after each category with its :class:`harness.metrics.MetricAccumulator`,
+    already computed (e.g. to keep the exact curves, :mod:`harness.metrics.curves`).
+    """
 
     def add(self, category: str, samples: Sequence[Sample], maps: Sequence[np.ndarray],
             scores: np.ndarray) -> None:
@@ -122,7 +128,7 @@ class Evaluator:
         self.flops_per_image: int | None = None
         self._warmed = False
         # The standard seven are streamed; maps are kept only for a metric plugin that may read them.
-        self.keep_maps = any(spec not in STANDARD_METRICS for spec in self.metrics)
+        self.keep_maps = any(spec not in STANDARD_METRICS and getattr(spec, "needs_maps", True) for spec in self.metrics)
 
     def _tensor(self, method: Method, samples: Sequence[Sample]) -> torch.Tensor:
         arrays = [self.images.image(self.dataset, s, method.input_size, method.interpolation) for s in samples]
@@ -174,10 +180,16 @@ class Evaluator:
                 masks.extend(batch_masks)
             image_scores.append(batch_scores)
             bar.update(len(batch))
+        standard = accumulator.compute()
+        for sink in self.sinks:
+            # A sink that draws the category's curves reuses the engine's sorted data.
+            finished = getattr(sink, "category_finished", None)
+            if finished is not None:
+                finished(category, accumulator)
         return CategoryScores(
             image_scores=np.concatenate(image_scores), labels=np.array([s.label for s in samples]),
             maps=np.stack(maps) if self.keep_maps else None, masks=np.stack(masks) if self.keep_maps else None,
-            name=category, keys=[s.key for s in samples], standard=accumulator.compute(),
+            name=category, keys=[s.key for s in samples], standard=standard,
         )
 
     def efficiency(self) -> dict[str, Any]:

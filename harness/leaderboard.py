@@ -634,6 +634,8 @@ def _failures_table(failed: pd.DataFrame, style: _Style) -> str:
 def _group_section(frame: pd.DataFrame, agg: pd.DataFrame, reported: pd.DataFrame, key: tuple[str, str, int | None],
                    style: _Style, per_category: bool, cols: Columns = STANDARD_COLUMNS) -> str:
     """Heading, summary, per-category tables and failures of one group."""
+    # A metric computed on some datasets only (DICE on the medical sets) is a column of their groups only.
+    cols = Columns(tuple(m for m in cols.specs if m.applies_to(key[0])))
     group_agg = _in_group(agg, *key) if not agg.empty else agg
     entries = _reported_entries(select_reported(reported, *key)) if not reported.empty else []
     parts = [style.heading(_group_title(*key))]

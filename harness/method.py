@@ -149,6 +149,10 @@ class Method(abc.ABC):
     eval_batch_size: int = 8
     #: Filter the runner resizes images with (a name of :data:`harness.data.RESAMPLING`).
     interpolation: str = "bicubic"
+    #: Set by ``fit`` in a fast dev run (``context.fast_dev_run``) for methods whose ``predict`` is
+    #: long (many denoising steps): ``predict`` may then run only a handful of its steps. The GPU
+    #: check clears it to time the full inference of a dev-fitted model.
+    dev_run: bool = False
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self.settings = settings if isinstance(settings, Settings) else Settings(settings)

@@ -206,6 +206,20 @@ def _dev_tests(samples: list[Sample]) -> list[Sample]:
     return normal + anomalous
 
 
+def _check_not_empty(index: DatasetIndex, job: Job) -> None:
+    """A category without training or test images cannot be evaluated: a data error, before any fit."""
+    from harness.errors import DatasetError
+
+    for name, category in index.categories.items():
+        missing = [what for what, samples in (("training", category.train), ("test", category.test))
+                   if not samples and not (what == "training" and job.protocol == "fewshot" and job.shots == 0)]
+        if missing:
+            hint = next((p for p in index.problems if f"/{name}/" in p or f"category {name} " in p), "")
+            raise DatasetError(f"{index.name}/{name} has no {' and no '.join(missing)} images"
+                               + (f" ({hint})" if hint else "") + "; put the images in place, or leave the category "
+                               "out of the dataset folder. 'harness data summary' lists what was found.")
+
+
 def _record_status(path: Path) -> str:
     if not path.exists():
         return "pending"
@@ -253,6 +267,7 @@ class Planner:
         settings = resolve_settings(spec, job.profile, dict(job.overrides))
         index = self.index(job.dataset)
         units = plan_fit_units(index, job.protocol, job.shots, job.seed)
+        _check_not_empty(index, job)
         tests = {c: list(index.categories[c].test) for u in units for c in u.test_categories}
         if job.dev_run:
             units = _dev_units(units)

@@ -38,6 +38,9 @@ A record (:class:`Record`) has these fields:
     protocol). Records with ``dev_run`` or random weights are never shown as results.
 ``weights``
     Every pretrained file the job read: ``key``, ``what``, ``path``, ``sha256``.
+``artifacts``
+    Files the job left beside its record (saved anomaly maps and the like), as relative paths
+    with what they hold.
 ``environment``
     Versions of Python, torch and the harness, platform, device name, git revision.
 ``started``, ``finished``
@@ -76,6 +79,7 @@ class Record:
     settings: dict[str, Any] = field(default_factory=dict)
     run: dict[str, Any] = field(default_factory=dict)
     weights: list[dict[str, Any]] = field(default_factory=list)
+    artifacts: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     started: str | None = None
     finished: str | None = None
@@ -107,7 +111,7 @@ class Record:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values["schema"] = SCHEMA_VERSION
-        for name in ("metrics", "mean", "efficiency", "method_info", "settings", "run", "environment"):
+        for name in ("metrics", "mean", "efficiency", "method_info", "settings", "run", "artifacts", "environment"):
             if values.get(name) is None:
                 values[name] = {}
         values["weights"] = list(values.get("weights") or [])

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.errors import HarnessWarning
+
 REPORTED_COLUMNS = ("paper", "table", "method", "dataset", "protocol", "shots", "category", "metric", "value")
 _TEXT_COLUMNS = ("paper", "table", "method", "dataset", "protocol", "category", "metric")
 
@@ -55,7 +57,7 @@ def _read_one(path: Path) -> pd.DataFrame | None:
     raw.columns = [str(c).strip() for c in raw.columns]
     missing = [c for c in REPORTED_COLUMNS if c not in raw.columns]
     if missing:
-        warnings.warn(f"{path}: skipped, missing column(s) {', '.join(missing)}", stacklevel=3)
+        warnings.warn(f"{path}: skipped, missing column(s) {', '.join(missing)}", HarnessWarning, stacklevel=3)
         return None
     raw = raw[list(REPORTED_COLUMNS)].apply(lambda column: column.str.strip())
     # Empty shots means "not few-shot"; "0" stays 0 (zero-shot), so the two never match.
@@ -63,7 +65,9 @@ def _read_one(path: Path) -> pd.DataFrame | None:
     values = pd.to_numeric(raw["value"], errors="coerce")
     bad = values.isna() | (shots.isna() & (raw["shots"] != ""))
     if bad.any():
-        warnings.warn(f"{path}: skipped {int(bad.sum())} row(s) with a non-numeric value or shots", stacklevel=3)
+        lines = ", ".join(str(int(i) + 2) for i in raw.index[bad][:10])
+        warnings.warn(f"{path}: skipped {int(bad.sum())} row(s) with a non-numeric value or shots (line {lines}); "
+                      "fix or delete those rows", HarnessWarning, stacklevel=3)
     raw = raw.assign(shots=shots, value=values)[~bad]
     return _typed(raw)
 

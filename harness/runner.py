@@ -34,7 +34,7 @@ from harness.environment import environment, seed_everything
 from harness.errors import HarnessError
 from harness.evaluation import Evaluator, MapSink, check_prediction, native_size, resize_map
 from harness.fitting import fit_unit
-from harness.fsutil import move_aside
+from harness.fsutil import StorageError, move_aside
 from harness.jobs import Job
 from harness.locks import JobLock
 from harness.options import RunOptions
@@ -122,17 +122,31 @@ class JobRunner:
     registry : Registry
     options : RunOptions
     sinks : callable, optional
-        ``sinks(planned) -> list of MapSink``: where each job's maps go besides the metrics.
+        ``sinks(planned) -> list of MapSink``: where each job's maps go besides the metrics; a
+        sink's ``close()`` returns what goes into the record's ``artifacts``. Default: the saved
+        maps ``options.save_maps`` asks for (:func:`harness.report.maps.saved_maps_sinks`).
     """
 
     def __init__(self, registry: Registry, options: RunOptions, sinks: Any = None) -> None:
         self.registry = registry
         self.options = options
-        self.device = options.torch_device()
+        self._device = None
         self.progress = Progress(options.progress)
         self.images = ImageCache()
+        if sinks is None:
+            # --save-maps sample|all: the saved maps of the report and export-maps (harness.report.maps).
+            from harness.report.maps import saved_maps_sinks
+
+            sinks = saved_maps_sinks(options)
         self.sinks = sinks
         self._env: dict[str, Any] | None = None
+
+    @property
+    def device(self):
+        """The torch device jobs run on here (resolved on first use: a Ray driver never needs it)."""
+        if self._device is None:
+            self._device = self.options.torch_device()
+        return self._device
 
     def notify(self, message: str) -> None:
         """Print a line without breaking the progress bars."""
@@ -218,8 +232,10 @@ class JobRunner:
             for sink in sinks:
                 close = getattr(sink, "close", None)
                 if close is not None:
-                    record.method_info.update(close() or {})
-        except KeyboardInterrupt:
+                    record.artifacts.update(close() or {})
+        except (KeyboardInterrupt, StorageError):
+            # A full disk or an unwritable folder is not the method's failure: the run stops, and
+            # what was written stays valid.
             raise
         except Exception as exc:  # noqa: BLE001 - every failure of a job is recorded, the run goes on
             raise _JobFailure(phase, exc) from exc

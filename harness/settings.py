@@ -33,7 +33,7 @@ import json
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 from harness.errors import UsageError
 

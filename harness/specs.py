@@ -99,6 +99,9 @@ class WeightFile:
     refuse : tuple of str
         File names that look right but are the wrong weights (e.g. a V2 torchvision file);
         finding one is an error explaining why.
+    refuse_sha256 : tuple of str
+        Hex sha256 digests, or prefixes of them (torchvision names carry the first 8 hex digits),
+        of files that are the wrong weights: such a file is refused under any name.
     """
 
     key: str
@@ -113,6 +116,7 @@ class WeightFile:
     folder: bool = False
     allow_patterns: tuple[str, ...] = ()
     refuse: tuple[str, ...] = ()
+    refuse_sha256: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -268,6 +272,10 @@ class MetricSpec:
         Only computed on these datasets (empty: on every dataset), e.g. DICE on medical sets.
     description : str
         One line for ``harness list`` and the report.
+    needs_maps : bool
+        Whether ``compute`` reads the anomaly maps and masks (then the runner keeps a
+        category's maps in memory for it); False for a metric computed from the exact engine's
+        values alone (e.g. DICE).
     """
 
     name: str
@@ -279,6 +287,7 @@ class MetricSpec:
     scale: float = 100.0
     datasets: tuple[str, ...] = ()
     description: str = ""
+    needs_maps: bool = True
 
     @property
     def title(self) -> str:

@@ -188,6 +188,13 @@ class WeightsResolver:
         located = self.locate(file, settings)
         if located.path is None:
             raise self.missing_error(located)
+        if file.refuse_sha256 and located.path.is_file():
+            # Checked before the file is remembered: a refused file is not one the job used.
+            digest = sha256_file(located.path)
+            if refused_digest(file, digest):
+                raise WeightsNotFoundError(
+                    f"{located.path} is not accepted as {file.what}: its sha256 {digest} is that of another version "
+                    f"of these weights (accepted: {', '.join(file.filenames) or file.filename}). {self._pull_text()}")
         digest = self.note_used(located.path, file.what, file.key)
         if file.sha256 and not file.folder and digest != file.sha256:
             raise WeightsVerifyError(f"{located.path} ({file.what}) has sha256 {digest}, but the pinned file has "
@@ -292,6 +299,11 @@ class WeightsResolver:
 
 # -- verify and pull ----------------------------------------------------------------------------
 
+def refused_digest(file: "WeightFile", digest: str) -> bool:
+    """Whether ``digest`` is one of the file's refused sha256 digests (or starts with a refused prefix)."""
+    return any(digest.startswith(prefix.lower()) for prefix in getattr(file, "refuse_sha256", ()) if prefix)
+
+
 def verify(located: Located) -> tuple[str, str]:
     """``(status, detail)`` of a located file: ``ok``, ``missing``, ``mismatch`` or ``unpinned``."""
     if located.path is None:
@@ -300,6 +312,8 @@ def verify(located: Located) -> tuple[str, str]:
     if file.folder:
         return "unpinned", f"{len(model_files(located.path))} model file(s); folders are not pinned by hash"
     digest = sha256_file(located.path)
+    if refused_digest(file, digest):
+        return "mismatch", f"{digest} is a refused version of these weights"
     if not file.sha256:
         return "unpinned", digest
     return ("ok", digest) if digest == file.sha256 else ("mismatch", f"{digest} != pinned {file.sha256}")

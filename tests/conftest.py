@@ -26,3 +26,15 @@ def run_options(tmp_path):
     """Run options writing under ``tmp_path``, on the CPU, without progress bars."""
     return RunOptions(results_dir=tmp_path / "results", cache_dir=tmp_path / "cache", device="cpu", eval_size=32,
                       progress=False, latency_repeats=1)
+
+
+@pytest.fixture
+def make_context(tmp_path):
+    """``make_context(settings, **kwargs)``: a FitContext in a private folder (harness.testing.fit_context)."""
+    from harness.testing import fit_context
+
+    def make(settings, **kwargs):
+        kwargs.setdefault("workdir", tmp_path / "fit")
+        return fit_context(settings, kwargs.pop("workdir"), **kwargs)
+
+    return make

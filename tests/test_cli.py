@@ -142,3 +142,32 @@ def test_fewshot_over_seeds_reports_mean_and_std(tmp_path, third_party):
     assert "±" in done.stdout
     jobs = {(r["job"]["shots"], r["job"]["seed"]) for _, r in iter_records(tmp_path / "res")}
     assert jobs == {(1, 0), (1, 1), (2, 0), (2, 1)}
+
+
+def test_a_warning_repeated_in_a_loop_is_kept_once_and_printed_with_its_count(monkeypatch, capsys):
+    import argparse
+    import warnings
+
+    from harness import cli
+    from harness.errors import HarnessWarning
+
+    def noisy(args):
+        for _ in range(50_000):
+            warnings.warn("a library warns in a loop", UserWarning)
+        for _ in range(3):
+            warnings.warn("harness: something to know", HarnessWarning)
+        warnings.warn("harness: something to know", HarnessWarning)  # the same text from another line
+        return 0
+
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(func=noisy, debug=False, command="noisy")
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    seen = []
+    original = cli._WarningCollector.__call__
+    monkeypatch.setattr(cli._WarningCollector, "__call__",
+                        lambda self, *a, **k: (original(self, *a, **k), seen.append(len(self.seen)))[0])
+    assert cli.main([]) == 0
+    assert max(seen) == 3  # one per distinct (text, place), however often each came
+    err = capsys.readouterr().err
+    assert "a library warns in a loop (x50000)" in err
+    assert err.count("warning: harness: something to know") == 1

@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from harness.coreset import greedy_coreset, random_projection
-from harness.ops import gaussian_blur, imagenet_normalize, nearest_neighbour_distance, resize_maps
+from harness.toolkit.coreset import greedy_coreset, random_projection
+from harness.toolkit.ops import gaussian_blur, imagenet_normalize, nearest_neighbour_distance, resize_maps
 
 
 def _clusters(n_clusters=5, per_cluster=200, dim=32, seed=0):
@@ -58,6 +58,30 @@ def test_coreset_duplicates_and_edge_cases():
         greedy_coreset(torch.zeros(5))
     sparse = random_projection(torch.randn(4, 100), 16, kind="sparse", seed=0)
     assert sparse.shape == (4, 16)
+
+
+def test_coreset_with_starting_points_follows_patchcores_sampler():
+    """m starting rows: first pick = the row with the largest mean distance to them, then farthest-point."""
+    gen = torch.Generator().manual_seed(0)
+    points = torch.randn(200, 5, generator=gen)
+    idx = greedy_coreset(points, n=12, projection_dim=None, seed=4, starting_points=10)
+    # The anchors are drawn after the single-start row, from the same seeded generator.
+    g = torch.Generator().manual_seed(4)
+    torch.randint(200, (1,), generator=g)
+    anchors = torch.randperm(200, generator=g)[:10]
+    running = torch.cdist(points, points[anchors]).mean(1)
+    chosen = []
+    for _ in range(12):
+        pick = int(running.argmax())
+        chosen.append(pick)
+        running = torch.minimum(running, torch.cdist(points, points[pick:pick + 1])[:, 0])
+        running[chosen] = -1
+    assert idx.tolist() == chosen
+    assert idx.unique().numel() == 12
+    # The start differs from the textbook one (a random row selected first).
+    assert idx.tolist() != greedy_coreset(points, n=12, projection_dim=None, seed=4).tolist()
+    with pytest.raises(ValueError, match="starting_points"):
+        greedy_coreset(points, n=3, starting_points=0)
 
 
 def test_imagenet_normalize():

@@ -219,7 +219,7 @@ def test_data_summary_json(trees, monkeypatch, capsys):
     assert harness.cli.main(["data", "summary", "--dataset", "visa", "--root", str(trees["visa_raw"]),
                              "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"dataset", "root", "categories", "problems", "warnings"}
+    assert set(out) == {"dataset", "root", "categories", "problems", "warnings", "notes"}
     rows = {r["category"]: r for r in out["categories"]}
     assert set(rows["candle"]) == {"category", "train", "test_normal", "test_anomalous", "masks", "image_sizes",
                                    "official"}
@@ -246,3 +246,15 @@ def test_runner_on_the_mvtec_fixture(trees, run_options):
     assert set(record["metrics"]) == {"bottle", "grid"}
     assert record["method_info"]["n_train"] == 7
     assert 0 <= record["metrics"]["grid"]["pixel_auroc"] <= 1
+
+
+@pytest.mark.parametrize("name, tree", [("mvtec", "mvtec"), ("mpdd", "mpdd"), ("visa", "visa_raw"),
+                                        ("visa", "visa_prepared"), ("dagm", "dagm_raw"), ("dagm", "dagm_mvtec"),
+                                        ("mvtec3d", "mvtec3d"), ("medical", "bmad"), ("folder", "folder"),
+                                        ("synthetic", None)])
+def test_every_dataset_plugin_passes_the_conformance_check(trees, name, tree):
+    from harness.testing import check_dataset
+
+    spec = load_registry().dataset(name)
+    index = check_dataset(spec, trees[tree] if tree else None)
+    assert index.categories

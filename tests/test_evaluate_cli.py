@@ -120,3 +120,14 @@ def test_nan_in_a_map_names_the_file(dataset_dir, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert str(victim) in err and "NaN or inf" in err
+
+
+def test_an_unreadable_map_is_one_line_naming_the_file(dataset_dir, tmp_path, capsys):
+    _write_maps(dataset_dir, tmp_path / "m")
+    victim = sorted((tmp_path / "m" / "disc" / "test" / "good").iterdir())[0]
+    victim.write_bytes(b"II*\x00 not a tiff at all")
+    code = main(["evaluate", "--maps", str(tmp_path / "m"), "--dataset", "folder", "--root", str(dataset_dir),
+                 "--no-record"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and str(victim) in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

@@ -233,3 +233,32 @@ def test_only_failed_group_and_overrides_variant(tmp_path):
     assert _row(text, "alpha (tiny; k=3)")[1] == "79.0"
     latex = build_leaderboard(root, fmt="latex", per_category=False)
     assert r"synthetic --- multiclass" in latex and "k=3" in latex
+
+
+def test_a_third_party_metric_is_a_column_like_the_built_in_ones(tmp_path):
+    from harness import MetricSpec
+    from harness.metrics.builtin import STANDARD_METRICS
+
+    record = _record("alpha", 0, 0.9)
+    for values in record["metrics"].values():
+        values["image_gap"] = 0.25
+    record["mean"]["image_gap"] = 0.25
+    _write(tmp_path / "results", record)
+    gap = MetricSpec("image_gap", "image", False, lambda scores: 0.0, label="I-Gap", scale=1.0)
+    text = build_leaderboard(tmp_path / "results", metrics=list(STANDARD_METRICS) + [gap])
+    header = next(line for line in text.splitlines() if line.startswith("| Method"))
+    assert "I-Gap" in header and header.index("I-F1max") < header.index("I-Gap") < header.index("P-AUROC")
+    row = next(line for line in text.splitlines() if line.startswith("| alpha"))
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    assert cells["I-Gap"] == "0.2"  # shown as stored (scale 1), not in percent
+    table = tidy_table(tmp_path / "results", metrics=list(STANDARD_METRICS) + [gap])
+    assert table[(table.metric == "image_gap") & (table.category == "mean")]["mean"].iloc[0] == 0.25
+
+
+def test_dev_runs_and_random_weights_are_never_shown(tmp_path):
+    for seed, run in ((0, {"dev_run": True}), (1, {"weights": "random"})):
+        record = _record("alpha", seed, 0.9)
+        record["run"] = run
+        _write(tmp_path / "results", record)
+    text = build_leaderboard(tmp_path / "results")
+    assert "alpha" not in text and "2 dev-run or random-weight record(s)" in text

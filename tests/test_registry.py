@@ -37,8 +37,8 @@ class _RaisingHook:
 
 def test_builtin_metrics_are_loaded():
     registry = load_registry(entry_points=[])
-    assert list(registry.metrics) == ["image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap",
-                                      "pixel_f1max", "pixel_aupro"]
+    assert list(registry.metrics)[:7] == ["image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap",
+                                          "pixel_f1max", "pixel_aupro"]
     assert registry.metrics["pixel_aupro"].plugin.distribution == "harness (built-in)"
 
 
@@ -130,3 +130,37 @@ def test_reporters_see_the_run_and_a_broken_reporter_is_not_fatal(run_options):
     assert reporter.events == [("run_started", 2), ("job_started", "meanimage"), ("job_finished", "ok"),
                                ("job_started", "raising"), ("job_finished", "failed"), ("run_finished", 2, False)]
     assert any("tracker offline" in p.message and p.kind == "reporter" for p in registry.problems)
+
+
+class _Misspelled:
+    @hookimpl
+    def harness_method(self):  # noqa: D102 - the misspelling is the point
+        return []
+
+
+class _Undecorated:
+    def harness_datasets(self):  # noqa: D102 - forgot @hookimpl
+        return []
+
+
+def test_a_misspelled_or_undecorated_hook_is_a_problem_naming_the_plugin():
+    registry = load_registry(entry_points=[], extra_plugins=[("typo", _Misspelled()), ("nodeco", _Undecorated())])
+    problems = {p.plugin: p for p in registry.problems}
+    assert problems["typo"].kind == "unknown-hook" and "harness_methods" in problems["typo"].message
+    assert problems["nodeco"].kind == "unknown-hook" and "@harness.hookimpl" in problems["nodeco"].message
+
+
+def test_a_profile_naming_an_unknown_setting_is_a_plugin_problem():
+    from harness import Setting
+
+    class BadProfile:
+        @hookimpl
+        def harness_methods(self):
+            return [MethodSpec(name="typed", paper=PAPER, protocols=("multiclass",), factory=MeanImage,
+                               settings=(Setting("image_size", int, 32, "side"),),
+                               profiles={"tiny": {"image_size": 16, "imagesize": 16}})]
+
+    registry = load_registry(entry_points=[], extra_plugins=[("bad", BadProfile())])
+    assert "typed" not in registry.methods
+    (problem,) = [p for p in registry.problems if p.plugin == "bad"]
+    assert problem.kind == "spec" and "imagesize" in problem.message and "tiny" in problem.message

@@ -1,9 +1,9 @@
 """A change that moves a number on the synthetic benchmark must show up here.
 
 ``results/synthetic/leaderboard.csv`` holds the last committed tables. The main job's records
-are taken from ``$HARNESS_FRESH_RESULTS`` (CI) or the repository's ``results/`` (the README's
-first command); without them, this test runs the benchmark itself (minutes, hence ``slow``). Accuracy columns may differ by at most 0.5 points; timing
-columns are not compared (machines differ).
+are taken from ``$HARNESS_FRESH_RESULTS`` (CI's main job of this checkout); without it, the
+main job runs in this session (minutes, hence ``slow``), never from records left in ``results/``.
+Accuracy columns may differ by at most 0.5 points; timing columns are not compared.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from synthetic_runs import copy_main_job_records, main_job_results
+from synthetic_runs import copy_main_job_records, session_main_job
 
 from harness.leaderboard import compare_accuracy
 
@@ -26,13 +26,7 @@ COMMITTED = REPO / "results" / "synthetic" / "leaderboard.csv"
 def _fresh_leaderboard(tmp_path: Path) -> Path:
     methods = set(pd.read_csv(COMMITTED)["method"])
     results = tmp_path / "results"
-    found = main_job_results(methods)
-    if found:
-        copy_main_job_records(found, results, methods)
-    else:
-        subprocess.run([sys.executable, "-m", "harness", "run", "--methods", "all", "--protocol", "multiclass",
-                        "--results-dir", str(results), "--cache-dir", str(tmp_path / "cache"), "--no-progress",
-                        "--no-leaderboard"], check=True, timeout=1800)
+    copy_main_job_records(session_main_job(), results, methods)
     subprocess.run([sys.executable, "-m", "harness", "leaderboard", "--results-dir", str(results), "--format", "csv",
                     "--out", str(tmp_path / "board"), "--no-reported"], check=True, capture_output=True, timeout=300)
     return tmp_path / "board" / "leaderboard.csv"

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from harness import (CategoryData, DatasetIndex, DatasetSpec, FitContext, Method, MethodSpec, PaperRef, Prediction,
-                     Sample, TrainSet, hookimpl)
+                     Sample, Setting, TrainSet, WeightFile, hookimpl)
 
 SIZE = 32
 
@@ -130,3 +130,36 @@ class ToyPlugin:
     def harness_methods(self):
         return [method_spec("meanimage"), method_spec("raising", RaisingMethod), method_spec("nanmaps", NaNMethod),
                 method_spec("badshape", BadShapeMethod)]
+
+
+class TemplateMethod(MeanImage):
+    """Reads a pretrained 'template' file (its declared weights) unless weights are random."""
+
+    def fit(self, train: TrainSet, context: FitContext) -> None:
+        super().fit(train, context)
+        if not context.random_weights:
+            from safetensors.torch import load_file
+
+            path = context.weights.resolve(TEMPLATE_FILE, self.settings)
+            self.stats.means = self.stats.means * 0 + load_file(str(path))["scale"].to(self.device)
+        context.info["random_weights"] = context.random_weights
+
+
+TEMPLATE_FILE = WeightFile(key="template", what="toy template weights", filenames=("toy-template.safetensors",),
+                           repo_id="toy/template", filename="toy-template.safetensors", setting="template_file")
+
+
+def template_spec() -> MethodSpec:
+    """A typed method that declares one pinned weight file."""
+    settings = (Setting("image_size", int, SIZE, "side"), Setting("eval_batch_size", int, 4, "batch"),
+                Setting("template_file", str, "", "explicit path of the template"))
+    return MethodSpec(name="template", paper=PAPER, protocols=("multiclass",), profiles={"tiny": {}, "paper": {}},
+                      factory=TemplateMethod, settings=settings, weights=lambda s: [TEMPLATE_FILE])
+
+
+class WeightedPlugin:
+    """Provides the ``template`` method (with the toy dataset of :class:`ToyPlugin`)."""
+
+    @hookimpl
+    def harness_methods(self):
+        return [template_spec()]

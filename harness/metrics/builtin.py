@@ -7,6 +7,7 @@ All seven come from one pass of the exact engine (:mod:`harness.metrics.engine`)
 from __future__ import annotations
 
 from harness.hookspecs import hookimpl
+from harness.metrics.dice import MEDICAL_DATASETS, dice
 from harness.metrics.scores import CategoryScores
 from harness.specs import MetricSpec
 
@@ -57,7 +58,12 @@ STANDARD_METRICS = (
 )
 
 
+#: DICE on the medical sets (DiAD's Table 6, BMAD): see :mod:`harness.metrics.dice`.
+DICE = MetricSpec("dice", "pixel", True, dice, "DICE", False, datasets=MEDICAL_DATASETS, needs_maps=False,
+                  description="micro Dice over all test pixels at the Dice-maximising threshold (BMAD's pipeline)")
+
+
 @hookimpl
 def harness_metrics():
-    """The seven standard metrics of DESIGN.md."""
-    return list(STANDARD_METRICS)
+    """The seven standard metrics of DESIGN.md, and DICE on the medical sets."""
+    return [*STANDARD_METRICS, DICE]

@@ -10,6 +10,13 @@ keep it fast and light here:
 - the running minimum distance is updated from one matrix-vector product per step,
   ``|x - c|^2 = |x|^2 - 2 x.c + |c|^2``, in chunks of ``batch_size`` rows, so memory beyond the
   (projected) features is O(N), never O(N * k).
+
+How the selection starts is the one place where implementations differ. The textbook greedy
+k-center starts from one random row, which is the first row selected. PatchCore's code
+(``ApproximateGreedyCoresetSampler`` of amazon-science/patchcore-inspection) instead draws 10
+random rows, takes every row's *mean* distance to them as its initial distance, and selects first
+the row farthest from them on average; the 10 rows themselves are not selected.
+``starting_points`` chooses between the two (1: textbook; 10: PatchCore's code).
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ def random_projection(features: torch.Tensor, dim: int, *, kind: str = "gaussian
 
 def greedy_coreset(features: torch.Tensor, ratio: float = 0.1, *, n: int | None = None,
                    projection_dim: int | None = 128, projection: str = "gaussian", seed: int = 0,
-                   batch_size: int = 65536) -> torch.Tensor:
+                   batch_size: int = 65536, starting_points: int = 1) -> torch.Tensor:
     """Select rows that cover ``features`` well, by greedy k-center (farthest-point) selection.
 
     Starting from one seeded random row, each step adds the row whose distance to its nearest
@@ -72,6 +79,10 @@ def greedy_coreset(features: torch.Tensor, ratio: float = 0.1, *, n: int | None 
         Seeds the projection and the first row.
     batch_size : int, default 65536
         Rows per chunk of the distance update (bounds temporary memory).
+    starting_points : int, default 1
+        1: start from one seeded random row, which is selected first. m > 1: every row starts with
+        its mean Euclidean distance to m seeded random rows and the first selection is the row
+        with the largest (PatchCore's code, m = 10); the m rows are not selected as such.
 
     Returns
     -------
@@ -96,6 +107,9 @@ def greedy_coreset(features: torch.Tensor, ratio: float = 0.1, *, n: int | None 
     else:
         x = features.float()
     first = int(torch.randint(total, (1,), generator=generator))
+    starting_points = int(starting_points)
+    if starting_points < 1:
+        raise ValueError(f"starting_points must be >= 1, got {starting_points}")
     if k == total:
         # Everything is kept; still start with the seeded row so the order is well defined.
         order = torch.arange(total, device=features.device)
@@ -111,8 +125,21 @@ def greedy_coreset(features: torch.Tensor, ratio: float = 0.1, *, n: int | None 
     x_aug = torch.cat([x, torch.ones(total, 1, device=x.device, dtype=x.dtype)], dim=1)
     min_dist = torch.empty(total, device=x.device, dtype=x.dtype)
     selected = torch.empty(k, dtype=torch.long, device=x.device)
-    current = torch.tensor(first, device=x.device)
     vec = torch.empty(x_aug.shape[1], device=x.device, dtype=x.dtype)
+    if starting_points > 1:
+        # PatchCore's start: the mean (plain, not squared) distance to m random rows. The running
+        # minimum below works on squared distances, so the mean is squared to compare with them.
+        m = min(starting_points, total)
+        anchors = torch.randperm(total, generator=generator)[:m].to(x.device)
+        mean_dist = torch.zeros(total, device=x.device, dtype=x.dtype)
+        for start in range(0, total, batch_size):
+            stop = min(start + batch_size, total)
+            d2 = sq_norms[start:stop, None] - 2.0 * x[start:stop] @ x[anchors].T + sq_norms[anchors][None]
+            mean_dist[start:stop] = d2.clamp_min(0).sqrt().mean(1)
+        min_dist = mean_dist * mean_dist
+        current = torch.argmax(min_dist)
+    else:
+        current = torch.tensor(first, device=x.device)
     for step in range(k):
         selected[step] = current
         vec[:-1] = x[current] * -2.0
@@ -122,7 +149,7 @@ def greedy_coreset(features: torch.Tensor, ratio: float = 0.1, *, n: int | None 
             # Squared distances (monotone in the distance, so the selection is the same); rounding
             # can make them slightly negative, which cannot change which row is farthest.
             d = torch.addmv(sq_norms[start:stop], x_aug[start:stop], vec)
-            if step == 0:
+            if step == 0 and starting_points == 1:
                 min_dist[start:stop] = d
             else:
                 torch.minimum(min_dist[start:stop], d, out=min_dist[start:stop])

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from harness import DatasetIndex, DatasetSpec, hookimpl
-from harness_benchmarks.layout import AlphaFreeMask, env_root, layout_error, mvtec_category
+from harness_benchmarks.layout import env_root, layout_error, mvtec_category
 
 NAME = "folder"
 
@@ -78,7 +78,7 @@ def load_folder(root: Path | str | None, categories: Sequence[str] | None = None
         raise layout_error(NAME, root, TREE, f"requested categories {missing} are missing; found {', '.join(found)}")
     problems: list[str] = []
     chosen = list(categories) if categories is not None else found
-    cats = {c: mvtec_category(root / c, c, problems, mask_suffixes=("_mask", ""), mask_kind=AlphaFreeMask,
+    cats = {c: mvtec_category(root / c, c, problems, mask_suffixes=("_mask", ""),
                               require_masks=None) for c in chosen}
     return DatasetIndex(name=NAME, categories=cats, root=root, problems=problems)
 

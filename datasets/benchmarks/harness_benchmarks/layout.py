@@ -17,8 +17,6 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-import numpy as np
-from PIL import Image
 
 from harness import CategoryData, DatasetIndex, Sample
 from harness.errors import DatasetError
@@ -280,42 +278,6 @@ def pair_masks(images: Mapping[str, Path], masks: Mapping[str, Path], suffixes: 
     return paired
 
 
-class AlphaFreeMask:
-    """A mask file read with its alpha channel dropped, as a zero-argument callable.
-
-    BMAD's label images are colour-mapped RGBA PNGs whose alpha is 255 everywhere: reading every
-    channel (``read_mask``'s rule for colour masks) would mark the whole image defective. The
-    defect is where any colour channel is > 0. The file stays reachable as ``.path`` so that
-    ``harness data summary`` can check it.
-
-    Parameters
-    ----------
-    path : Path
-        The mask file.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-
-    def __call__(self) -> np.ndarray:
-        """Return the mask as a boolean (H, W) array."""
-        try:
-            with Image.open(self.path) as img:
-                img.load()
-                mode = img.mode
-                array = np.asarray(img)
-        except (OSError, ValueError) as exc:
-            raise DatasetError(f"cannot read mask {self.path}: {exc}. Re-extract or remove the file.") from exc
-        if mode in ("RGBA", "LA", "PA") and array.ndim == 3:
-            array = array[..., :-1]
-        if array.ndim == 3:
-            array = array.max(axis=2)
-        return array > 0
-
-    def __repr__(self) -> str:
-        return f"AlphaFreeMask({str(self.path)!r})"
-
-
 def mvtec_category(cat_dir: Path, category: str, problems: list[str], mask_suffixes: Sequence[str] = ("_mask",),
                    mask_kind: Callable[[Path], object] | None = None, extra_dirs: Iterable[str] = (),
                    require_masks: bool | None = True) -> CategoryData:
@@ -336,8 +298,7 @@ def mvtec_category(cat_dir: Path, category: str, problems: list[str], mask_suffi
     mask_suffixes : sequence of str
         See :func:`pair_masks`.
     mask_kind : callable, optional
-        Wraps a mask path into the sample's mask source (e.g. :class:`AlphaFreeMask`); the path
-        itself by default.
+        Wraps a mask path into the sample's mask source; the path itself by default.
     extra_dirs : iterable of str
         Other folders expected in the category folder (skipped silently).
     require_masks : bool or None

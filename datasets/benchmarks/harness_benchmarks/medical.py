@@ -14,10 +14,17 @@ test split differs between sets and releases; both orders are accepted::
     test/{good,Ungood}/{img,label}/*.png     (e.g. Brain)
     test/{img,label}/{good,Ungood}/*.png     (e.g. Liver, RESC)
 
-Training images are ``train/good/img/*.png`` or ``train/good/*.png``. The validation split is not
+Training images are ``train/good/img/*.png`` or ``train/good/*.png``. RESC is also read as its
+authors released it (and as BMAD's own loaders read that release)::
+
+    Train/train/good/*.png
+    Test/test/{good,Ungood}/*.png
+    Test/test_label/Ungood/*.png           (masks of the anomalous images, same stems)
+
+The validation split is not
 used (the harness never selects on labelled data). Label images are colour-mapped, often RGBA
 with an opaque alpha channel everywhere: a pixel is anomalous where any colour channel is > 0,
-alpha ignored (:class:`harness_benchmarks.layout.AlphaFreeMask`). ``test/good/label`` (all-zero
+alpha ignored (:func:`harness.read_mask` ignores alpha). ``test/good/label`` (all-zero
 masks of normal slices) is ignored.
 
 The dataset ``medical`` is the multi-class set DiAD evaluates: its categories are the three
@@ -31,7 +38,7 @@ from pathlib import Path
 from typing import Sequence
 
 from harness import CategoryData, DatasetIndex, DatasetSpec, Sample, hookimpl
-from harness_benchmarks.layout import (NORMAL, AlphaFreeMask, check_root_extras, env_root, key, layout_error,
+from harness_benchmarks.layout import (NORMAL, check_root_extras, env_root, key, layout_error,
                                        pair_masks, scan_images, select_categories)
 
 ANOMALOUS = "Ungood"
@@ -51,6 +58,7 @@ SET_TREE = """\
     ├── good/img/00000_96.png ...         or  img/good/*.png
     ├── Ungood/img/00002_60.png ...       or  img/Ungood/*.png
     └── Ungood/label/00002_60.png ...     or  label/Ungood/*.png
+or, for RESC as released: Train/train/good/*.png, Test/test/{good,Ungood}/*.png, Test/test_label/Ungood/*.png
 """
 
 MEDICAL_TREE = """\
@@ -63,7 +71,12 @@ each: train/good/img/*.png, test/{good,Ungood}/{img,label}/*.png or test/{img,la
 
 
 def _is_set(folder: Path) -> bool:
-    return (folder / "train").is_dir() and (folder / "test").is_dir()
+    return ((folder / "train").is_dir() and (folder / "test").is_dir()) or _is_release(folder)
+
+
+def _is_release(folder: Path) -> bool:
+    """The RESC authors' release: ``Train/train`` and ``Test/test`` (with ``Test/test_label``)."""
+    return (folder / "Train" / "train").is_dir() and (folder / "Test" / "test").is_dir()
 
 
 def find_set(root: Path, name: str) -> Path | None:
@@ -128,17 +141,23 @@ def load_set(folder: Path, category: str, problems: list[str]) -> CategoryData:
     -------
     CategoryData
     """
+    release = _is_release(folder)
     for entry in sorted(folder.iterdir()):
-        if entry.name not in ("train", "test", "valid", "val"):
+        if entry.name not in (("Train", "Test", "Val", "Valid") if release else ("train", "test", "valid", "val")):
             problems.append(f"unexpected {'folder' if entry.is_dir() else 'file'} {entry}; ignored")
-    train_good = folder / "train" / NORMAL
+    train_good = (folder / "Train" / "train" / NORMAL) if release else folder / "train" / NORMAL
     train_dir = train_good / "img" if (train_good / "img").is_dir() else train_good
     if not train_dir.is_dir():
         problems.append(f"missing folder {train_good}: set {category} has no training images")
     train = [Sample(key(category, "train", NORMAL, s), category, "train", 0, NORMAL, p)
              for s, p in scan_images(train_dir, problems).items()]
     test: list[Sample] = []
-    for label, (img_dir, mask_dir) in _test_groups(folder / "test", problems).items():
+    if release:
+        groups = {sub.name: (sub, folder / "Test" / "test_label" / sub.name if sub.name != NORMAL else None)
+                  for sub in sorted((folder / "Test" / "test").iterdir()) if sub.is_dir()}
+    else:
+        groups = _test_groups(folder / "test", problems)
+    for label, (img_dir, mask_dir) in groups.items():
         images = scan_images(img_dir, problems)
         if label == NORMAL:
             test += [Sample(key(category, "test", NORMAL, s), category, "test", 0, NORMAL, p) for s, p in images.items()]
@@ -146,10 +165,10 @@ def load_set(folder: Path, category: str, problems: list[str]) -> CategoryData:
         if label.lower() != ANOMALOUS.lower():
             problems.append(f"unexpected folder {img_dir} (BMAD labels are good and Ungood); read as anomalous")
         mask_files = scan_images(mask_dir, problems) if mask_dir is not None else {}
-        expected = str((mask_dir or img_dir.parent / "label") / "{stem}.png")
+        expected = str((mask_dir if mask_dir is not None else img_dir.parent / "label") / "{stem}.png")
         masks = pair_masks(images, mask_files, ("",), problems, expected)
         test += [Sample(key(category, "test", label, s), category, "test", 1, label, p,
-                        AlphaFreeMask(masks[s]) if masks[s] is not None else None) for s, p in images.items()]
+                        masks[s]) for s, p in images.items()]
     return CategoryData(name=category, train=train, test=test)
 
 
