@@ -113,7 +113,8 @@ def test_no_code_loads_state_with_pickle():
                     statement = "\n".join(text.splitlines()[number - 1:number + 3])
                     if "weights_only=True" not in statement:
                         offenders.append(f"{path}:{number}")
-                if "pickle.load" in code or "weights_only=False" in code:
+                # Spelled in two parts so that this check does not find itself.
+                if "pickle.load" in code or "weights_only=" + "False" in code:
                     offenders.append(f"{path}:{number}")
     assert not offenders, offenders
 

@@ -68,6 +68,15 @@ from harness_anomalysd.networks import build_components, character_tokenizer, lo
 CHARACTER_TOKENIZER = "character"
 
 
+def _optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor) -> float:
+    """One (scaled) optimiser step on ``loss``; returns the loss value."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return float(loss.detach())
+
+
 def _stage_seed(seed: int, stage: str, *parts: int) -> list[int]:
     """Entropy for a NumPy / torch generator that depends only on the job seed, the stage and ``parts``."""
     return [int(seed) & 0xFFFFFFFF, zlib.crc32(stage.encode("utf-8")), *[int(p) for p in parts]]
@@ -279,11 +288,7 @@ class AnomalySD(Method):
                         z = self.vae.encode(x).latent_dist.mode()
                     recon = self.vae.decode(z).sample
                     loss = F.mse_loss(recon.float(), x) + s.decoder_lpips_weight * self.lpips(recon, x).float().mean()
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                loss_value = float(loss.detach())
+                loss_value = _optimizer_step(opt, scaler, loss)
             if not position.done:
                 position.extra["loss"] = loss_value
             loss_value = float(position.extra.get("loss", loss_value))
@@ -329,11 +334,7 @@ class AnomalySD(Method):
                     timesteps = torch.from_numpy(t).to(self.device)
                     pred = self.unet(self.unet_input(z_t, masks, z_masked), timesteps, encoder_hidden_states=cond).sample
                     loss = F.mse_loss(pred.float(), noise)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                loss_value = float(loss.detach())
+                loss_value = _optimizer_step(opt, scaler, loss)
             if not position.done:
                 position.extra["loss"] = loss_value
             loss_value = float(position.extra.get("loss", loss_value))
