@@ -179,6 +179,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if report.problems:
         raise PreflightError("the preflight found problems before any fit (nothing was run):\n"
                              + "\n".join(f"  - {p}" for p in report.problems))
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
     executor = executor_spec.factory(options)
     where = options.torch_device() if args.executor == "inprocess" else f"--device {args.device}"
     print(f"running {len(jobs)} job(s) on {where} ({args.executor}); records in "

@@ -5,8 +5,12 @@
 - **Data**: every training and test image and every mask of the pending jobs decodes (a
   truncated file is found now, not after hours of training), and each mask has its image's size.
 - **Folders**: the results and cache folders can be written, and the cache's filesystem has room
-  for the jobs' checkpoints (estimated from the networks' parameter counts, built on the meta
-  device: weights plus two optimiser moments, for the checkpoints kept and the finished fit).
+  for the largest job's fit. Sizes come from the networks built on the meta device. The finished
+  fit's state (every network's weights and buffers) is certain to be written: less room than that
+  is a problem. The mid-fit checkpoints can only be bounded (which networks and optimisers a stage
+  saves is the method's choice): the bound is weights plus two optimiser moments for every
+  parameter, for each checkpoint kept, and less room than that is a note, since a fit that meets
+  a full disk stops with its last checkpoint intact and a rerun resumes from it.
 
 Every problem is one line naming the file or folder and what to do; :func:`check_plan` raises
 :class:`PreflightError` (exit 2) with all of them. ``harness run --dry-run`` shows the same report
@@ -26,9 +30,9 @@ from harness.errors import HarnessError
 from harness.planning import Plan, PlannedJob
 from harness.weights import WeightsResolver, verify
 
-#: Bytes stored per parameter in a checkpoint: fp32 weights and Adam's two moments.
-CHECKPOINT_BYTES_PER_PARAM = 12
-#: Checkpoints kept per fit (plus the finished fit itself).
+#: Adam's two moments per parameter, in the parameter's own dtype (the bound on a checkpoint).
+OPTIMISER_MOMENTS = 2
+#: Checkpoints kept per fit (:class:`harness.checkpoint.TrainingCheckpoint`'s default).
 CHECKPOINTS_KEPT = 2
 
 
@@ -46,20 +50,24 @@ class PreflightReport:
         One line each, naming the file or folder and the fix.
     checked_images : int
         Images and masks decoded.
+    state_bytes : int
+        The finished fit's state of the largest job: room it certainly needs.
     checkpoint_bytes : int
-        The estimated room the largest job's checkpoints need.
+        The bound on the largest job's room: its finished state and the checkpoints kept.
     notes : list of str
+        Findings that do not stop the run.
     """
 
     problems: list[str] = field(default_factory=list)
     checked_images: int = 0
+    state_bytes: int = 0
     checkpoint_bytes: int = 0
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         """The report as text."""
         head = (f"preflight: {len(self.problems)} problem(s); {self.checked_images} image(s) and mask(s) decoded; "
-                f"checkpoints need about {self.checkpoint_bytes / 2**30:.2f} GiB")
+                f"a fit needs {_gib(self.state_bytes)} GiB, with its checkpoints at most {_gib(self.checkpoint_bytes)} GiB")
         return "\n".join([head, *[f"  - {p}" for p in self.problems], *[f"  note: {n}" for n in self.notes]])
 
 
@@ -119,17 +127,33 @@ def _writable(folder: Path, what: str, probe: bool) -> str | None:
     return None
 
 
-def checkpoint_bytes(planned: PlannedJob) -> int:
-    """Estimated bytes of one fit's checkpoints and cache (meta-device parameter count)."""
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f}"
+
+
+def fit_bytes(planned: PlannedJob) -> tuple[int, int]:
+    """Room one fit needs on the cache's filesystem, from its networks built on the meta device.
+
+    Returns
+    -------
+    (state, bound)
+        ``state``: the finished fit's weights and buffers, which the fit cache certainly writes.
+        ``bound``: ``state`` plus :data:`CHECKPOINTS_KEPT` checkpoints holding every parameter
+        with :data:`OPTIMISER_MOMENTS` optimiser moments. Both are 0 for a method that cannot be
+        built on the meta device.
+    """
     import torch
 
     try:
         with torch.device("meta"):
             method = planned.spec.factory(planned.settings)
-        params = sum(method.parameter_count().values())
+        networks = method.networks().values()
     except Exception:  # noqa: BLE001 - a method that cannot build on meta is estimated at zero here
-        return 0
-    return params * CHECKPOINT_BYTES_PER_PARAM * (CHECKPOINTS_KEPT + 1)
+        return 0, 0
+    params = sum(p.numel() * p.element_size() for net in networks for p in net.parameters())
+    buffers = sum(b.numel() * b.element_size() for net in networks for b in net.buffers())
+    state = params + buffers
+    return state, state + CHECKPOINTS_KEPT * (state + OPTIMISER_MOMENTS * params)
 
 
 def run_preflight(plan: Plan, check_images: bool = True, probe_folders: bool = True) -> PreflightReport:
@@ -153,17 +177,22 @@ def run_preflight(plan: Plan, check_images: bool = True, probe_folders: bool = T
         if problem:
             report.problems.append(problem)
     if pending and options.fit_cache:
-        seen: dict[tuple, int] = {}
+        seen: dict[tuple, tuple[int, int]] = {}
         for planned in pending:
             key = (planned.job.method, repr(sorted(planned.settings.as_json().items())))
             if key not in seen:
-                seen[key] = checkpoint_bytes(planned)
-        report.checkpoint_bytes = max(seen.values(), default=0)
+                seen[key] = fit_bytes(planned)
+        report.state_bytes = max((state for state, _ in seen.values()), default=0)
+        report.checkpoint_bytes = max((bound for _, bound in seen.values()), default=0)
         free = free_bytes(options.cache_dir)
-        if free is not None and report.checkpoint_bytes > free:
-            report.problems.append(f"cache dir {options.cache_dir} has {free / 2**30:.1f} GiB free but the checkpoints "
-                                   f"of one job need about {report.checkpoint_bytes / 2**30:.1f} GiB; free some space "
-                                   "or point --cache-dir at a larger disk")
+        if free is not None and report.state_bytes > free:
+            report.problems.append(f"cache dir {options.cache_dir} has {_gib(free)} GiB free but one job's finished fit "
+                                   f"alone needs {_gib(report.state_bytes)} GiB; free some space or point --cache-dir "
+                                   "at a larger disk")
+        elif free is not None and report.checkpoint_bytes > free:
+            report.notes.append(f"cache dir {options.cache_dir} has {_gib(free)} GiB free; one job's checkpoints may "
+                                f"need up to {_gib(report.checkpoint_bytes)} GiB. A fit that fills the disk stops with "
+                                "its last checkpoint intact: free space (or move --cache-dir) and rerun to resume")
     return report
 
 

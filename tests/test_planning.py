@@ -82,3 +82,48 @@ def test_every_usage_error_is_one_line_without_traceback(tmp_path, capsys, monke
     _run(tmp_path, "--methods", "patchcore", "--set", "nosuch=1")
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_fit_bytes_counts_the_finished_state_and_bounds_the_checkpoints():
+    from types import SimpleNamespace
+
+    import torch
+
+    from harness.preflight import CHECKPOINTS_KEPT, OPTIMISER_MOMENTS, fit_bytes
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(10, 5)  # 55 parameters
+            self.register_buffer("running", torch.zeros(3))
+
+    spec = SimpleNamespace(factory=lambda settings: SimpleNamespace(networks=lambda: {"net": Net()}))
+    state, bound = fit_bytes(SimpleNamespace(spec=spec, settings={}))
+    assert state == (55 + 3) * 4
+    assert bound == state + CHECKPOINTS_KEPT * (state + OPTIMISER_MOMENTS * 55 * 4)
+
+
+def test_no_room_for_the_finished_fit_is_a_problem_naming_the_cache_dir(tmp_path, capsys, monkeypatch):
+    import harness.fsutil
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(harness.fsutil, "free_bytes", lambda folder: 1)
+    code, results, cache = _run(tmp_path, "--methods", "patchcore")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"cache dir {cache} has 0.00 GiB free" in err and "finished fit alone needs" in err
+    assert not results.exists() and not cache.exists(), _nothing_written(tmp_path)
+
+
+def test_room_for_the_fit_but_maybe_not_its_checkpoints_is_a_note(tmp_path, capsys, monkeypatch):
+    import harness.fsutil
+    import harness.preflight
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(harness.fsutil, "free_bytes", lambda folder: 2**30)
+    monkeypatch.setattr(harness.preflight, "fit_bytes", lambda planned: (2**20, 2**40))
+    code, results, cache = _run(tmp_path, "--methods", "patchcore", "--dry-run")
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "preflight: 0 problem(s)" in out and "a fit needs 0.00 GiB, with its checkpoints at most 1024.00 GiB" in out
+    assert f"note: cache dir {cache} has 1.00 GiB free; one job's checkpoints may need up to 1024.00 GiB" in out
