@@ -38,12 +38,36 @@ def git_revision() -> str | None:
     return rev.stdout.strip() or None
 
 
+#: The environment entries that decide a run's floating-point results: two records that agree on
+#: all of them (and on code, data and seed) hold the same numbers. Training a network is chaotic
+#: enough that another CPU kernel family (AVX2 vs AVX-512) moves a tiny profile's AUROC by
+#: several points, so comparisons of numbers check these first (:mod:`harness.leaderboard`).
+NUMERICS_KEYS: tuple[str, ...] = ("torch", "device", "device_name", "cpu_model", "cpu_capability", "torch_threads")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device | None = None) -> dict[str, Any]:
-    """Versions, platform, device and git revision, stored in every record."""
+    """Versions, platform, CPU, device and git revision, stored in every record.
+
+    ``cpu_capability`` is the vector instruction set torch's CPU kernels dispatch to (``AVX2``,
+    ``AVX512``, ...); with ``cpu_model`` it tells whether two CPU runs can agree bit for bit
+    (:data:`NUMERICS_KEYS`).
+    """
     env: dict[str, Any] = {
         "harness": __version__, "python": platform.python_version(), "torch": torch.__version__,
         "numpy": np.__version__, "platform": platform.platform(), "processor": platform.machine(),
         "hostname": platform.node(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "device": str(device) if device is not None else None, "git_revision": git_revision(),
     }
     if device is not None and device.type == "cuda":

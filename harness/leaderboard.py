@@ -127,6 +127,8 @@ TIDY_COLUMNS: tuple[str, ...] = ("dataset", "protocol", "shots", "method", "prof
                                  "metric", "mean", "std", "n_seeds")
 FORMAT_FILES = {"markdown": "leaderboard.md", "csv": "leaderboard.csv", "latex": "leaderboard.tex",
                 "html": "leaderboard.html"}
+#: Written beside the tables: where their numbers were computed (:func:`numerics_environments`).
+ENVIRONMENTS_FILE = "environments.json"
 _FORMAT_ALIASES = {"md": "markdown", "tex": "latex", "htm": "html"}
 _METRICS_PREFIX = "metrics/"
 _EFFICIENCY_PREFIX = "efficiency/"
@@ -741,14 +743,15 @@ def write_leaderboard(results_dir: Path | str, out: Path | str, formats: Iterabl
     formats : iterable of str
         Any of ``markdown`` (``leaderboard.md``), ``csv`` (``leaderboard.csv``, the tidy table),
         ``latex`` (``leaderboard.tex``, fragments to ``\\input``) and ``html``
-        (``leaderboard.html``, a standalone page).
+        (``leaderboard.html``, a standalone page). :data:`ENVIRONMENTS_FILE` is always written
+        too: the numerics environments of the records (:func:`numerics_environments`).
     reported_dir : path, optional
         Folder of the papers' reported numbers; ``None`` leaves them out.
 
     Returns
     -------
     list of pathlib.Path
-        The files written, in the order of ``formats``.
+        The files written, in the order of ``formats``, then :data:`ENVIRONMENTS_FILE`.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -760,7 +763,48 @@ def write_leaderboard(results_dir: Path | str, out: Path | str, formats: Iterabl
         path = out / FORMAT_FILES[fmt]
         atomic_write(path, text)
         written.append(path)
+    path = out / ENVIRONMENTS_FILE
+    atomic_write(path, json.dumps(numerics_environments(results_dir), indent=1) + "\n")
+    written.append(path)
     return written
+
+
+def numerics_environments(results_dir: Path | str) -> list[dict[str, Any]]:
+    """Where the tabled numbers were computed: each distinct numerics environment of the records.
+
+    Only successful result records count (not dev runs, not random weights), as in the tables.
+    An environment is the record's :data:`harness.environment.NUMERICS_KEYS` entries (missing
+    ones, in records older than a key, are None); two runs can only agree bit for bit when
+    their environments are equal.
+
+    Returns
+    -------
+    list of dict
+        Sorted; each has the keys and ``records``, the number of records computed there.
+    """
+    from harness.environment import NUMERICS_KEYS
+
+    counts: dict[str, int] = {}
+    for _path, typed in scan_records(Path(results_dir)).records:
+        record = typed.to_dict()
+        run = record.get("run") or {}
+        if record.get("status") != "ok" or run.get("dev_run") or run.get("weights") == "random":
+            continue
+        env = record.get("environment") or {}
+        key = json.dumps({k: env.get(k) for k in NUMERICS_KEYS}, sort_keys=True)
+        counts[key] = counts.get(key, 0) + 1
+    return [{**json.loads(key), "records": n} for key, n in sorted(counts.items())]
+
+
+def same_numerics(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]]) -> bool:
+    """Whether two :func:`numerics_environments` lists name the same single environment."""
+    from harness.environment import NUMERICS_KEYS
+
+    def keys(envs):
+        return {json.dumps({k: e.get(k) for k in NUMERICS_KEYS}, sort_keys=True) for e in envs}
+
+    first, second = keys(a), keys(b)
+    return len(first) == 1 and first == second
 
 
 # -- comparing two CSV files --------------------------------------------------------------------
@@ -779,7 +823,8 @@ def _row_key(row: pd.Series, keys: Sequence[str]) -> str:
     return "/".join(str(p) for p in parts)
 
 
-def compare_accuracy(fresh_csv: Path | str, committed_csv: Path | str, tolerance: float = 0.5) -> list[str]:
+def compare_accuracy(fresh_csv: Path | str, committed_csv: Path | str, tolerance: float = 0.5,
+                     categories: Sequence[str] | None = None) -> list[str]:
     """Differences in accuracy between two ``leaderboard.csv`` files.
 
     Parameters
@@ -788,6 +833,8 @@ def compare_accuracy(fresh_csv: Path | str, committed_csv: Path | str, tolerance
         The newly written file and the reference one.
     tolerance : float
         Allowed absolute difference in percentage points; larger differences are reported.
+    categories : sequence of str, optional
+        Compare only these categories (``("mean",)``: the means over categories); all by default.
 
     Returns
     -------
@@ -797,6 +844,9 @@ def compare_accuracy(fresh_csv: Path | str, committed_csv: Path | str, tolerance
         other, or that exists in only one file. Empty when the files agree.
     """
     fresh, committed = _read_tidy(fresh_csv), _read_tidy(committed_csv)
+    if categories is not None:
+        fresh = fresh[fresh["category"].isin(list(categories))]
+        committed = committed[committed["category"].isin(list(categories))]
     keys = [k for k in TIDY_COLUMNS[:8] if k in fresh.columns and k in committed.columns]
     fresh_values = {_row_key(r, keys): r["mean"] for _, r in fresh.iterrows()}
     committed_values = {_row_key(r, keys): r["mean"] for _, r in committed.iterrows()}

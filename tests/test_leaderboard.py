@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 
@@ -188,7 +189,8 @@ def test_tidy_table(results):
 def test_write_leaderboard(results, tmp_path):
     out = tmp_path / "board"
     paths = write_leaderboard(results, out, formats=("markdown", "csv", "latex", "html"))
-    assert [p.name for p in paths] == ["leaderboard.md", "leaderboard.csv", "leaderboard.tex", "leaderboard.html"]
+    assert [p.name for p in paths] == ["leaderboard.md", "leaderboard.csv", "leaderboard.tex", "leaderboard.html",
+                                       "environments.json"]
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
     frame = pd.read_csv(out / "leaderboard.csv")
     assert {"fps", "params", "image_auroc", "mad"} <= set(frame["metric"])
@@ -262,3 +264,36 @@ def test_dev_runs_and_random_weights_are_never_shown(tmp_path):
         _write(tmp_path / "results", record)
     text = build_leaderboard(tmp_path / "results")
     assert "alpha" not in text and "2 dev-run or random-weight record(s)" in text
+
+
+def test_numerics_environments_name_where_the_tabled_numbers_were_computed(results, tmp_path):
+    from harness.leaderboard import numerics_environments, same_numerics
+
+    envs = numerics_environments(results)
+    # The fixture's records carry no environment: one unknown environment, the failed record left out.
+    assert envs == [{"torch": None, "device": None, "device_name": None, "cpu_model": None, "cpu_capability": None,
+                     "torch_threads": None, "records": 6}]
+    other = tmp_path / "other"
+    for seed, capability in ((0, "AVX2"), (1, "AVX512")):
+        record = _record("alpha", seed, 0.9)
+        record["environment"] = {"torch": "2.14.1", "device": "cpu", "cpu_model": "EPYC", "torch_threads": 2,
+                                 "cpu_capability": capability, "hostname": f"host{seed}"}
+        _write(other, record)
+    mixed = numerics_environments(other)
+    assert [e["cpu_capability"] for e in mixed] == ["AVX2", "AVX512"] and all(e["records"] == 1 for e in mixed)
+    assert same_numerics(mixed[:1], [{**mixed[0], "records": 7}])  # the count and the host do not matter
+    assert not same_numerics(mixed[:1], mixed[1:])
+    assert not same_numerics(mixed, mixed)  # tables from two environments are not one machine's
+    written = json.loads((write_leaderboard(other, tmp_path / "board", formats=("csv",))[-1]).read_text())
+    assert written == mixed
+
+
+def test_compare_accuracy_can_compare_the_means_only(results, tmp_path):
+    committed = write_leaderboard(results, tmp_path / "committed", formats=("csv",))[0]
+    frame = pd.read_csv(committed, keep_default_na=False, dtype=str)
+    bottle = (frame["category"] == "bottle") & (frame["metric"] == "image_auroc") & (frame["method"] == "alpha")
+    frame.loc[bottle, "mean"] = (frame.loc[bottle, "mean"].astype(float) + 5).astype(str)
+    fresh = tmp_path / "fresh.csv"
+    frame.to_csv(fresh, index=False)
+    assert compare_accuracy(fresh, committed) != []
+    assert compare_accuracy(fresh, committed, categories=("mean",)) == []

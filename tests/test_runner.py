@@ -32,6 +32,8 @@ def test_multiclass_job_writes_a_complete_record(toy_registry, run_options):
     assert eff["params_by_network"] == {"stats": 0}  # buffers are state, not parameters
     assert record["method_info"]["categories_seen"] == ["red", "blue"]
     assert record["environment"]["torch"]
+    # What decides bit-for-bit agreement with another run (harness.environment.NUMERICS_KEYS).
+    assert record["environment"]["cpu_model"] and record["environment"]["cpu_capability"]
 
 
 def test_fit_never_sees_test_images(toy_registry, run_options):
