@@ -44,7 +44,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pandas as pd
 from tabulate import tabulate
@@ -769,6 +769,13 @@ def write_leaderboard(results_dir: Path | str, out: Path | str, formats: Iterabl
     return written
 
 
+def _numerics_key(env: Mapping[str, Any]) -> str:
+    """The :data:`harness.environment.NUMERICS_KEYS` entries of ``env`` as canonical JSON."""
+    from harness.environment import NUMERICS_KEYS
+
+    return json.dumps({k: env.get(k) for k in NUMERICS_KEYS}, sort_keys=True)
+
+
 def numerics_environments(results_dir: Path | str) -> list[dict[str, Any]]:
     """Where the tabled numbers were computed: each distinct numerics environment of the records.
 
@@ -782,28 +789,20 @@ def numerics_environments(results_dir: Path | str) -> list[dict[str, Any]]:
     list of dict
         Sorted; each has the keys and ``records``, the number of records computed there.
     """
-    from harness.environment import NUMERICS_KEYS
-
     counts: dict[str, int] = {}
     for _path, typed in scan_records(Path(results_dir)).records:
         record = typed.to_dict()
         run = record.get("run") or {}
         if record.get("status") != "ok" or run.get("dev_run") or run.get("weights") == "random":
             continue
-        env = record.get("environment") or {}
-        key = json.dumps({k: env.get(k) for k in NUMERICS_KEYS}, sort_keys=True)
+        key = _numerics_key(record.get("environment") or {})
         counts[key] = counts.get(key, 0) + 1
     return [{**json.loads(key), "records": n} for key, n in sorted(counts.items())]
 
 
 def same_numerics(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]]) -> bool:
     """Whether two :func:`numerics_environments` lists name the same single environment."""
-    from harness.environment import NUMERICS_KEYS
-
-    def keys(envs):
-        return {json.dumps({k: e.get(k) for k in NUMERICS_KEYS}, sort_keys=True) for e in envs}
-
-    first, second = keys(a), keys(b)
+    first, second = {_numerics_key(e) for e in a}, {_numerics_key(e) for e in b}
     return len(first) == 1 and first == second
 
 

@@ -322,6 +322,13 @@ def _range(maps: Sequence[Any]) -> tuple[float, float]:
     return low, high
 
 
+def _overlay_cell(page: _Page, saved_map: Any, heat_range: Sequence[float], path: Path, alt: str, caption: str) -> str:
+    """A table cell with ``saved_map``'s heat overlay (written to ``path``) above ``caption`` (HTML)."""
+    image = overlay(saved_map.image, saved_map.amap, saved_map.mask, *heat_range)
+    save_png(upscale(image, GALLERY_SIDE), path)
+    return f"<td>{page.image(path, alt)}{caption}</td>"
+
+
 def _gallery(page: _Page, slug: str, category: str, saved: Mapping[str, Sequence[Any]]) -> None:
     saved = {v: maps for v, maps in saved.items() if maps}
     if not saved:
@@ -350,9 +357,8 @@ def _gallery(page: _Page, slug: str, category: str, saved: Mapping[str, Sequence
             if m is None:
                 cells.append("<td>–</td>")
                 continue
-            path = folder / f"{row:03d}-m{index}.png"
-            save_png(upscale(overlay(m.image, m.amap, m.mask, *ranges[variant]), GALLERY_SIDE), path)
-            cells.append(f"<td>{page.image(path, f'{variant} on {key}')}score {m.score:.4g}</td>")
+            cells.append(_overlay_cell(page, m, ranges[variant], folder / f"{row:03d}-m{index}.png",
+                                       f"{variant} on {key}", f"score {m.score:.4g}"))
         rows.append("<tr>" + "".join(cells) + "</tr>")
     page.add('<table class="gallery"><tr><th>image, ground truth</th>' + header + "</tr>" + "".join(rows) + "</table>")
     worst_rows = []
@@ -363,9 +369,8 @@ def _gallery(page: _Page, slug: str, category: str, saved: Mapping[str, Sequence
             if m is None:
                 cells.append("<td>–</td>")
                 continue
-            path = folder / f"worst-{tag}-m{index}.png"
-            save_png(upscale(overlay(m.image, m.amap, m.mask, *ranges[variant]), GALLERY_SIDE), path)
-            cells.append(f"<td>{page.image(path, f'{variant}: {role} {m.key}')}{_esc(m.key)}<br>score {m.score:.4g}</td>")
+            cells.append(_overlay_cell(page, m, ranges[variant], folder / f"worst-{tag}-m{index}.png",
+                                       f"{variant}: {role} {m.key}", f"{_esc(m.key)}<br>score {m.score:.4g}"))
         worst_rows.append("<tr>" + "".join(cells) + "</tr>")
     page.add('<table class="gallery"><tr><th>method</th><th>worst false positive (highest-scoring normal image)</th>'
              '<th>worst false negative (lowest-scoring anomalous image)</th></tr>' + "".join(worst_rows) + "</table>")
