@@ -129,3 +129,24 @@ def test_nearest_neighbour_distance_matches_bruteforce():
     assert torch.allclose(dist, ref_dist[:, :3], atol=1e-4)
     assert torch.equal(idx, ref_idx[:, :3])
     assert (dist[:, 1:] >= dist[:, :-1]).all()
+
+
+def test_center_crop_box_rounds_like_torchvision_and_paste_fills_with_each_images_minimum():
+    import torchvision.transforms.functional as TF
+
+    from harness.toolkit.crops import center_crop, center_crop_box, paste_crop
+
+    images = torch.arange(2 * 3 * 7 * 9, dtype=torch.float32).reshape(2, 3, 7, 9)
+    box = center_crop_box((7, 9), 4)
+    assert torch.equal(center_crop(images, box), TF.center_crop(images, [4, 4]))
+    assert center_crop_box((7, 9), 0) == (0, 0, 7, 9) and center_crop_box((7, 9), 20) == (0, 0, 7, 9)
+    maps = torch.rand(2, 4, 4) + torch.tensor([0.0, 5.0]).view(2, 1, 1)
+    full = paste_crop(maps, box, (7, 9))
+    assert full.shape == (2, 7, 9)
+    assert torch.equal(center_crop(full, box), maps)
+    outside = full.clone()
+    outside[:, box.top:box.top + 4, box.left:box.left + 4] = float("nan")
+    for i in range(2):
+        ring = outside[i][~torch.isnan(outside[i])]
+        assert torch.all(ring == maps[i].min())
+    assert paste_crop(maps, center_crop_box((4, 4), 4), (4, 4)) is maps

@@ -5,6 +5,7 @@ One implementation of each:
 - :mod:`harness.toolkit.coreset` — greedy k-center coreset selection on a random projection;
 - :mod:`harness.toolkit.backbones` — timm feature extractors built without weights, their
   ImageNet weights loaded from disk, BatchNorm re-estimation for random backbones;
+- :mod:`harness.toolkit.crops` — centre crops, and maps of a crop put back on the full image;
 - :mod:`harness.toolkit.ops` — ImageNet normalisation, SciPy-exact Gaussian smoothing, map
   resizing, chunked nearest-neighbour distances;
 - :mod:`harness.toolkit.scoring` — image scores from maps (pooled maximum);

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from harness import FitContext, Method, Prediction, TrainSet
 from harness.toolkit.backbones import create_features, load_weights, recalibrate_batchnorm
 from harness.toolkit.coreset import greedy_coreset
+from harness.toolkit.crops import center_crop, center_crop_box, paste_crop
 from harness.toolkit.ops import gaussian_blur, imagenet_normalize, nearest_neighbour_distance, resize_maps
 from harness.toolkit.precision import autocast
 
@@ -78,12 +79,7 @@ class PatchCore(Method):
 
     def crop(self, images: torch.Tensor) -> torch.Tensor:
         """The centre crop the backbone sees (torchvision's ``CenterCrop`` rounding); all of it without one."""
-        side = int(self.settings.center_crop)
-        h, w = images.shape[-2:]
-        if side <= 0 or (side >= h and side >= w):
-            return images
-        top, left = int(round((h - min(side, h)) / 2.0)), int(round((w - min(side, w)) / 2.0))
-        return images[..., top:top + min(side, h), left:left + min(side, w)]
+        return center_crop(images, center_crop_box(images.shape[-2:], self.settings.center_crop))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch features of a batch of (cropped) images: (B, h, w, D) on the first layer's grid."""
@@ -187,13 +183,8 @@ class PatchCore(Method):
         patch_scores = dist.mean(dim=1).reshape(b, h, w)
         image_scores = patch_scores.flatten(1).amax(1)
         maps = gaussian_blur(resize_maps(patch_scores, cropped.shape[-2:]), s.smoothing_sigma)
-        if tuple(cropped.shape[-2:]) != tuple(images.shape[-2:]):
-            full = maps.flatten(1).amin(1).view(b, 1, 1).expand(b, *images.shape[-2:]).clone()
-            top = int(round((images.shape[-2] - cropped.shape[-2]) / 2.0))
-            left = int(round((images.shape[-1] - cropped.shape[-1]) / 2.0))
-            full[:, top:top + cropped.shape[-2], left:left + cropped.shape[-1]] = maps
-            maps = full
-        return Prediction(maps.float(), image_scores.float())
+        box = center_crop_box(images.shape[-2:], s.center_crop)
+        return Prediction(paste_crop(maps, box, images.shape[-2:]).float(), image_scores.float())
 
     def state_dict(self) -> dict[str, Any]:
         """Backbone (its BatchNorm statistics may be recalibrated) and memory bank."""
