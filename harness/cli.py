@@ -264,6 +264,7 @@ def describe_method(spec: Any, profile: str) -> dict[str, Any]:
         "typed_settings": not spec.schema.inferred, "resources": spec.resources_for(profile).as_dict(),
         "weights": [f.as_dict() for f in spec.weight_files(settings)], "input_size": list(method.input_size),
         "eval_batch_size": method.eval_batch_size, "interpolation": method.interpolation,
+        "antialias": method.antialias, "resize_mode": method.resize_mode,
         "networks": networks, "total_parameters": sum(networks.values()), "description": spec.description,
     }
 
@@ -286,7 +287,10 @@ def cmd_describe(args: argparse.Namespace) -> int:
         print(f"\n{spec.description}\n")
     paper = f"; the paper's protocol: {spec.paper_protocol}" if spec.paper_protocol else ""
     print(f"protocols: {', '.join(spec.protocols)}{paper}; profiles: {', '.join(spec.profiles)} (showing {profile!r})")
-    print(f"input: {info['input_size'][0]}x{info['input_size'][1]} ({info['interpolation']}), predict batch "
+    resize = info["interpolation"] + ("" if info["antialias"] else ", cv2.resize: no antialiasing")
+    side = (f"shorter side {info['input_size'][0]}" if info["resize_mode"] == "shorter_side"
+            else f"{info['input_size'][0]}x{info['input_size'][1]}")
+    print(f"input: {side} ({resize}), predict batch "
           f"{info['eval_batch_size']}; resources per job: "
           + ", ".join(f"{k}={v:g}" for k, v in info["resources"].items()))
     print("settings (name: type = value [default]  help):")

@@ -24,7 +24,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -217,21 +217,62 @@ def read_mask(source: ImageSource | None, shape: tuple[int, int] | None = None) 
 #: Pillow filters by the names of the ``interpolation`` setting.
 RESAMPLING = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
               "lanczos": Image.LANCZOS}
+#: OpenCV's ``cv2.resize`` flags for the same names (used when ``antialias`` is false).
+CV2_INTERPOLATION = {"bilinear": 1, "bicubic": 2, "nearest": 0, "lanczos": 4}
+#: How an image is brought to a method's size: ``square`` (both sides, the aspect ratio changes) or
+#: ``shorter_side`` (the shorter side to the size, the aspect ratio kept: torchvision's ``Resize(int)``).
+RESIZE_MODES = ("square", "shorter_side")
 
 
-def resize_image(array: np.ndarray, size: tuple[int, int], interpolation: str = "bicubic") -> np.ndarray:
-    """Resize an RGB ``uint8`` image to ``size`` = (H, W) with Pillow's ``interpolation`` filter.
+def resized_shape(shape: Sequence[int], size: Sequence[int], mode: str = "square") -> tuple[int, int]:
+    """(H, W) an image of ``shape`` = (H, W, ...) gets when resized to ``size`` = (H, W) by ``mode``.
 
-    Pillow's bilinear and bicubic filters are antialiased when shrinking (their support grows
-    with the scale), like torchvision's ``Resize`` on PIL images, which the papers' data
-    loaders use.
+    ``shorter_side`` scales the shorter side to ``size[0]`` and the longer one to
+    ``int(size[0] * long / short)`` (truncated, as torchvision's ``Resize`` with an int size).
     """
-    if array.shape[:2] == tuple(size):
-        return array
+    if mode == "square":
+        return int(size[0]), int(size[1])
+    if mode != "shorter_side":
+        raise ValueError(f"unknown resize mode {mode!r}; use one of {', '.join(RESIZE_MODES)}")
+    h, w = int(shape[0]), int(shape[1])
+    side = int(size[0])
+    if h <= w:
+        return side, int(side * w / h)
+    return int(side * h / w), side
+
+
+def resize_image(array: np.ndarray, size: tuple[int, int], interpolation: str = "bicubic", antialias: bool = True,
+                 mode: str = "square") -> np.ndarray:
+    """Resize an RGB ``uint8`` image to ``size`` = (H, W) as a method declares.
+
+    Parameters
+    ----------
+    array : numpy.ndarray
+        (H, W, 3) ``uint8``.
+    size : tuple of int
+        Target (H, W); with ``mode="shorter_side"`` only ``size[0]`` is used (see :func:`resized_shape`).
+    interpolation : str
+        A filter name of :data:`RESAMPLING`.
+    antialias : bool
+        True: Pillow's filter, which antialiases when shrinking (its support grows with the scale),
+        like torchvision's ``Resize`` on PIL images. False: OpenCV's ``cv2.resize`` with the same
+        filter name, which does not antialias (a fixed 2 x 2 / 4 x 4 support, fixed-point
+        arithmetic for ``uint8``), as the code of papers that load images with OpenCV.
+    mode : str
+        ``square`` or ``shorter_side`` (:data:`RESIZE_MODES`).
+    """
     if interpolation not in RESAMPLING:
         raise ValueError(f"unknown interpolation {interpolation!r}; use one of {', '.join(RESAMPLING)}")
+    target = resized_shape(array.shape, size, mode)
+    if array.shape[:2] == target:
+        return array
+    if not antialias:
+        import cv2
+
+        return cv2.resize(np.ascontiguousarray(array), (target[1], target[0]),
+                          interpolation=CV2_INTERPOLATION[interpolation])
     img = Image.fromarray(array)
-    return np.asarray(img.resize((size[1], size[0]), RESAMPLING[interpolation]))
+    return np.asarray(img.resize((target[1], target[0]), RESAMPLING[interpolation]))
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -247,7 +288,7 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 class ImageCache:
-    """Decoded, resized images kept in memory per (dataset, sample key, size, interpolation).
+    """Decoded, resized images kept in memory per (dataset, sample key, size, resize rule).
 
     Decoding a JPEG and resizing it costs more than a forward pass of a small network, and every
     training epoch and every job on the same dataset asks for the same images again. The cache
@@ -277,9 +318,10 @@ class ImageCache:
         """Bytes of pixels held now (never above ``max_bytes``)."""
         return self._bytes
 
-    def image(self, dataset: str, sample: Sample, size: tuple[int, int], interpolation: str = "bicubic") -> np.ndarray:
-        """Return ``sample``'s image as (H, W, 3) ``uint8`` at ``size``."""
-        key = (dataset, sample.key, tuple(size), interpolation)
+    def image(self, dataset: str, sample: Sample, size: tuple[int, int], interpolation: str = "bicubic",
+              antialias: bool = True, mode: str = "square") -> np.ndarray:
+        """Return ``sample``'s image as (H, W, 3) ``uint8`` resized to ``size`` (see :func:`resize_image`)."""
+        key = (dataset, sample.key, tuple(size), interpolation, bool(antialias), mode)
         with self._lock:
             hit = self._store.get(key)
             if hit is not None:
@@ -287,7 +329,7 @@ class ImageCache:
                 self.hits += 1
                 return hit
             self.misses += 1
-        array = resize_image(read_image(sample.image), size, interpolation)
+        array = resize_image(read_image(sample.image), size, interpolation, antialias, mode)
         if array.nbytes > self.max_bytes:
             return array
         with self._lock:
@@ -298,6 +340,17 @@ class ImageCache:
                     _, dropped = self._store.popitem(last=False)
                     self._bytes -= dropped.nbytes
         return array
+
+
+def same_shape_runs(items: Sequence[Any]) -> list[list[int]]:
+    """Indices of ``items`` cut into consecutive runs whose ``.shape`` is the same."""
+    runs: list[list[int]] = []
+    for i, item in enumerate(items):
+        if runs and tuple(items[runs[-1][0]].shape) == tuple(item.shape):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
 
 
 def to_tensor(arrays: Sequence[np.ndarray]) -> torch.Tensor:
@@ -319,11 +372,14 @@ class TrainSet(torch.utils.data.Dataset):
     categories : list of str
         Categories present, in dataset order.
     size : tuple of int
-        (H, W) the images are resized to.
+        (H, W) the images are resized to (with ``mode="shorter_side"``: ``size[0]`` is the shorter
+        side and images keep their aspect ratio, so their shapes may differ).
+    interpolation, antialias, mode
+        How images are resized (see :func:`resize_image`).
     """
 
     def __init__(self, dataset: str, samples: Sequence[Sample], size: tuple[int, int], cache: ImageCache,
-                 interpolation: str = "bicubic") -> None:
+                 interpolation: str = "bicubic", antialias: bool = True, mode: str = "square") -> None:
         bad = [s.key for s in samples if s.split != "train" or s.label != 0]
         if bad:
             raise ValueError(f"training set contains non-training or anomalous samples: {bad[:3]}")
@@ -331,6 +387,8 @@ class TrainSet(torch.utils.data.Dataset):
         self.samples = list(samples)
         self.size = tuple(size)
         self.interpolation = interpolation
+        self.antialias = bool(antialias)
+        self.mode = mode
         self._cache = cache
         seen: dict[str, None] = {}
         for s in self.samples:
@@ -342,13 +400,13 @@ class TrainSet(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         sample = self.samples[index]
-        array = self._cache.image(self.dataset, sample, self.size, self.interpolation)
+        array = self._cache.image(self.dataset, sample, self.size, self.interpolation, self.antialias, self.mode)
         return to_tensor([array])[0], sample.category
 
     def subset(self, indices: Sequence[int]) -> "TrainSet":
-        """A training set of the samples at ``indices`` (same size, cache and interpolation)."""
+        """A training set of the samples at ``indices`` (same size, cache and resize rule)."""
         return TrainSet(self.dataset, [self.samples[int(i)] for i in indices], self.size, self._cache,
-                        self.interpolation)
+                        self.interpolation, self.antialias, self.mode)
 
     def images(self) -> Iterator[tuple[torch.Tensor, str]]:
         """Iterate over all items in order."""
@@ -356,14 +414,19 @@ class TrainSet(torch.utils.data.Dataset):
             yield self[i]
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[tuple[torch.Tensor, list[str]]]:
-        """Yield ``(images, categories)`` batches; shuffled reproducibly by ``seed`` if asked."""
+        """Yield ``(images, categories)`` batches; shuffled reproducibly by ``seed`` if asked.
+
+        Images of different shapes (``mode="shorter_side"`` on a dataset of mixed aspect ratios)
+        cannot be stacked: such a batch is yielded as consecutive runs of equal shape.
+        """
         order = np.arange(len(self))
         if shuffle:
             order = np.random.default_rng(seed).permutation(len(self))
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             items = [self[int(i)] for i in idx]
-            yield torch.stack([x for x, _ in items]), [c for _, c in items]
+            for run in same_shape_runs([x for x, _ in items]):
+                yield torch.stack([items[i][0] for i in run]), [items[i][1] for i in run]
 
     def by_category(self) -> Mapping[str, list[int]]:
         """Indices of the samples of each category."""

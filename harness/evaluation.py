@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness.data import ImageCache, Sample, read_image, read_mask, resize_mask, to_tensor
+from harness.data import ImageCache, Sample, read_image, read_mask, resize_mask, same_shape_runs, to_tensor
 from harness.efficiency import PredictTimer, count_flops
 from harness.errors import HarnessError, MethodOutputError
 from harness.method import Method, Prediction, as_numpy
@@ -131,8 +131,15 @@ class Evaluator:
         self.keep_maps = any(spec not in STANDARD_METRICS and getattr(spec, "needs_maps", True) for spec in self.metrics)
 
     def _tensor(self, method: Method, samples: Sequence[Sample]) -> torch.Tensor:
-        arrays = [self.images.image(self.dataset, s, method.input_size, method.interpolation) for s in samples]
+        arrays = [self.images.image(self.dataset, s, method.input_size, **method.resize_rule()) for s in samples]
         return to_tensor(arrays).to(self.device)
+
+    def _groups(self, method: Method, samples: Sequence[Sample]) -> list[tuple[list[Sample], torch.Tensor]]:
+        """A batch as (samples, images) runs of one input shape (``resize_mode="shorter_side"`` keeps
+        each image's aspect ratio, so a batch of mixed shapes goes to ``predict`` run by run)."""
+        arrays = [self.images.image(self.dataset, s, method.input_size, **method.resize_rule()) for s in samples]
+        return [([samples[i] for i in run], to_tensor([arrays[i] for i in run]).to(self.device))
+                for run in same_shape_runs(arrays)]
 
     def warm_up(self, method: Method, sample: Sample) -> None:
         """One untimed call (with the flop counter), then the single-image latency calls."""
@@ -160,9 +167,9 @@ class Evaluator:
         """Predict, check, resize and accumulate one category's test images."""
         accumulator = MetricAccumulator(name=category)
         maps, masks, image_scores, shapes = [], [], [], set()
-        for start in range(0, len(samples), method.eval_batch_size):
-            batch = samples[start:start + method.eval_batch_size]
-            images = self._tensor(method, batch)
+        runs = (run for start in range(0, len(samples), method.eval_batch_size)
+                for run in self._groups(method, samples[start:start + method.eval_batch_size]))
+        for batch, images in runs:
             prediction = self.timer.time(lambda: method.predict(images, [s.category for s in batch]), len(batch))
             batch_maps, batch_scores = check_prediction(prediction, batch)
             batch_masks = [ground_truth(sample, self.eval_size) for sample in batch]

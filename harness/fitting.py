@@ -115,7 +115,7 @@ def fit_unit(planned: PlannedJob, unit: FitUnit, method: Method, *, options: Run
         restored = cache.load(method, device, notify)
         if restored is not None:
             return restored
-    train = TrainSet(planned.job.dataset, unit.train, method.input_size, images, method.interpolation)
+    train = TrainSet(planned.job.dataset, unit.train, method.input_size, images, **method.resize_rule())
     scratch = job_folder(options.cache_dir, planned) / unit.name
     scratch.mkdir(parents=True, exist_ok=True)
     checkpoint = TrainingCheckpoint(scratch / "checkpoints" if options.fit_cache else None,

@@ -149,6 +149,10 @@ class Method(abc.ABC):
     eval_batch_size: int = 8
     #: Filter the runner resizes images with (a name of :data:`harness.data.RESAMPLING`).
     interpolation: str = "bicubic"
+    #: True: Pillow's antialiased filter; False: OpenCV's ``cv2.resize`` (no antialiasing).
+    antialias: bool = True
+    #: ``square`` (both sides to :attr:`input_size`) or ``shorter_side`` (aspect ratio kept).
+    resize_mode: str = "square"
     #: Set by ``fit`` in a fast dev run (``context.fast_dev_run``) for methods whose ``predict`` is
     #: long (many denoising steps): ``predict`` may then run only a handful of its steps. The GPU
     #: check clears it to time the full inference of a dev-fitted model.
@@ -156,7 +160,7 @@ class Method(abc.ABC):
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self.settings = settings if isinstance(settings, Settings) else Settings(settings)
-        # Three settings have a meaning the runner relies on (see harness.settings.SHARED_NAMES);
+        # These settings have a meaning the runner relies on (see harness.settings.SHARED_NAMES);
         # a method that declares none of them sets the class attributes instead.
         if "image_size" in self.settings:
             size = self.settings["image_size"]
@@ -165,7 +169,16 @@ class Method(abc.ABC):
             self.eval_batch_size = int(self.settings["eval_batch_size"])
         if "interpolation" in self.settings:
             self.interpolation = str(self.settings["interpolation"])
+        if "antialias" in self.settings:
+            self.antialias = bool(self.settings["antialias"])
+        if "resize_mode" in self.settings:
+            self.resize_mode = str(self.settings["resize_mode"])
         self.device = torch.device("cpu")
+
+    def resize_rule(self) -> dict[str, Any]:
+        """How the runner resizes images for this method: ``interpolation``, ``antialias`` and ``mode``
+        (the keyword arguments of :func:`harness.data.resize_image` and :class:`harness.data.TrainSet`)."""
+        return {"interpolation": self.interpolation, "antialias": self.antialias, "mode": self.resize_mode}
 
     @abc.abstractmethod
     def networks(self) -> Mapping[str, torch.nn.Module]:

@@ -134,12 +134,17 @@ SHARED_NAMES: Mapping[str, str] = {
     "smoothing_sigma": "Gaussian sigma (pixels) applied to the anomaly map",
     "inference_seed": "seed of the noise drawn at inference",
     "interpolation": "resampling used when resizing images to image_size",
+    "antialias": "resize with Pillow's antialiased filter (true) or OpenCV's cv2.resize, which does not antialias "
+                 "(false)",
+    "resize_mode": "'square' (both sides to image_size) or 'shorter_side' (the shorter side, aspect ratio kept)",
 }
 
 #: The precisions ``--precision`` accepts.
 PRECISIONS = ("fp32", "bf16", "fp16")
 #: Resampling filters for the ``interpolation`` setting.
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")
+#: Values of the ``resize_mode`` setting (see :func:`harness.data.resized_shape`).
+RESIZE_MODES = ("square", "shorter_side")
 
 
 def image_size(default: int, **kwargs: Any) -> Setting:
@@ -163,6 +168,17 @@ def interpolation(default: str, **kwargs: Any) -> Setting:
     """The ``interpolation`` setting: how the runner resizes images to ``image_size``."""
     return Setting("interpolation", str, default, kwargs.pop("help", SHARED_NAMES["interpolation"]),
                    choices=INTERPOLATIONS, **kwargs)
+
+
+def antialias(default: bool, **kwargs: Any) -> Setting:
+    """The ``antialias`` setting: Pillow's antialiased resize (true) or OpenCV's ``cv2.resize`` (false)."""
+    return Setting("antialias", bool, default, kwargs.pop("help", SHARED_NAMES["antialias"]), **kwargs)
+
+
+def resize_mode(default: str, **kwargs: Any) -> Setting:
+    """The ``resize_mode`` setting: ``square`` or ``shorter_side`` (aspect ratio kept)."""
+    return Setting("resize_mode", str, default, kwargs.pop("help", SHARED_NAMES["resize_mode"]), choices=RESIZE_MODES,
+                   **kwargs)
 
 
 class Settings(Mapping[str, Any]):
@@ -494,5 +510,6 @@ def open_choices(schema: SettingsSchema, settings: Mapping[str, Any]) -> dict[st
 
 
 __all__ = ["Setting", "Settings", "SettingsSchema", "SettingError", "SHARED_NAMES", "PRECISIONS", "INTERPOLATIONS",
-           "image_size", "eval_batch_size", "precision", "interpolation", "schema_from_profiles", "check_profiles",
+           "RESIZE_MODES", "image_size", "eval_batch_size", "precision", "interpolation", "antialias", "resize_mode",
+           "schema_from_profiles", "check_profiles",
            "describe_settings", "open_choices"]

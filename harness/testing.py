@@ -107,7 +107,7 @@ def fit_context(settings: Mapping[str, Any], workdir: Path | str, *, seed: int =
 
 def _train_set(index: DatasetIndex, method: Method) -> TrainSet:
     samples = [s for c in index.categories.values() for s in c.train]
-    return TrainSet(index.name, samples, method.input_size, ImageCache(), method.interpolation)
+    return TrainSet(index.name, samples, method.input_size, ImageCache(), **method.resize_rule())
 
 
 def _predict_all(method: Method, index: DatasetIndex) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -119,7 +119,7 @@ def _predict_all(method: Method, index: DatasetIndex) -> list[tuple[np.ndarray, 
             samples = category.test
             for start in range(0, len(samples), method.eval_batch_size):
                 batch = samples[start:start + method.eval_batch_size]
-                images = to_tensor([cache.image(index.name, s, method.input_size, method.interpolation)
+                images = to_tensor([cache.image(index.name, s, method.input_size, **method.resize_rule())
                                     for s in batch]).to(method.device)
                 prediction = method.predict(images, [s.category for s in batch])
                 out.append(_check_output(prediction, len(batch), f"predict on {batch[0].key}"))

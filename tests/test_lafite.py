@@ -84,6 +84,8 @@ def test_spec_is_complete_and_the_paper_profile_follows_the_paper():
     assert paper.image_size == 224 and paper.interpolation == "bilinear" and paper.feature_size == 32
     assert paper.backbone == "tf_efficientnet_b4" and paper.backbone_layers == (0, 1, 2, 3)
     assert paper.editing_weights == "normalized" and paper.precision == "fp32"
+    # Neither the paper nor UniAD standardises features (issue 24): off in paper, a setting.
+    assert paper.feature_standardize is False and SPEC.resolve("tiny").feature_standardize is True
     # The tau grid spans the schedule; more pseudo-validation images than before (20).
     assert min(paper.tau_grid) <= 100 and max(paper.tau_grid) >= 800 and paper.pseudo_val_per_category >= 40
     choices = {s.name for s in SPEC.settings if s.choice}

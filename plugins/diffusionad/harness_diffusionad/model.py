@@ -176,7 +176,7 @@ class DiffusionAD(Method):
             self.input_size[0], base_channels=s.base_channels, channel_mults=s.channel_mults,
             layers_per_block=s.layers_per_block, attention_resolutions=s.attention_resolutions,
             num_heads=s.num_heads, time_conditioning=s.time_conditioning, resample=s.resample,
-            norm_groups=s.norm_groups, dropout=s.dropout)
+            norm_groups=s.norm_groups, dropout=s.dropout, init=s.denoiser_init)
         if s.gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
         self.segmenter = SegmentationSubNetwork(6, 1, base_channels=s.seg_base_channels, depth=s.seg_depth)

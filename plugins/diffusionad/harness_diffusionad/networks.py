@@ -10,7 +10,13 @@
   3x3 convolution at the end. The time embedding is the authors' sinusoid (sine half first),
   two linear layers with SiLU, and is *added* to every residual block's features
   (``time_conditioning="additive"``). For 256 px and the authors' sizes the network has
-  131,654,403 parameters, like theirs.
+  131,654,403 parameters, like theirs. Initialisation (``init="zero_out"``, the authors'):
+  PyTorch's default for every layer, then the layers the authors wrap in ``zero_module`` are set
+  to zero (:func:`zero_output_layers`): the last convolution of every residual block (``conv2``:
+  their ``out_layers.3``, resampling blocks included), the output projection of every attention
+  layer (``to_out.0``: their ``proj_out``) and the final convolution (``conv_out``: their
+  ``out.2``). So a fresh UNet predicts zero noise and every block starts as the identity.
+  ``init="default"`` keeps diffusers' initialisation (nothing zeroed).
 - :class:`SegmentationSubNetwork`: the authors' discriminative U-Net (``models/Seg_subnetwork.py``)
   generalised to ``depth`` stages; at ``depth=6`` it is theirs, layer for layer.
 
@@ -32,6 +38,8 @@ from torch import nn
 RESAMPLES = ("resnet", "conv")
 #: ``time_conditioning`` values and what diffusers calls them.
 TIME_CONDITIONINGS = {"additive": "default", "scale_shift": "scale_shift"}
+#: ``init`` values: the authors' zeroed output layers, or diffusers' default initialisation.
+INITS = ("zero_out", "default")
 
 
 class SinusoidalTimesteps(nn.Module):
@@ -80,7 +88,7 @@ def attention_levels(image_size: int, channel_mults: Sequence[float], attention_
 def build_denoiser(image_size: int, base_channels: int = 128, channel_mults: Sequence[float] = (1, 1, 2, 2, 4, 4),
                    layers_per_block: int = 2, attention_resolutions: Sequence[int] = (32, 16, 8), num_heads: int = 4,
                    time_conditioning: str = "additive", resample: str = "resnet", norm_groups: int = 32,
-                   dropout: float = 0.0) -> UNet2DModel:
+                   dropout: float = 0.0, init: str = "zero_out") -> UNet2DModel:
     """Build the noise-prediction UNet.
 
     Parameters
@@ -112,6 +120,9 @@ def build_denoiser(image_size: int, base_channels: int = 128, channel_mults: Seq
         Groups of every GroupNorm (the authors' ``GroupNorm32``: 32); must divide every width.
     dropout : float
         Dropout in the residual blocks (the authors' ``args1.json``: 0).
+    init : str
+        ``"zero_out"``: the authors' ``zero_module`` layers start at zero
+        (:func:`zero_output_layers`); ``"default"``: diffusers' initialisation.
 
     Returns
     -------
@@ -120,6 +131,8 @@ def build_denoiser(image_size: int, base_channels: int = 128, channel_mults: Seq
     """
     if resample not in RESAMPLES:
         raise ValueError(f"resample must be one of {RESAMPLES}, not {resample!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, not {init!r}")
     if time_conditioning not in TIME_CONDITIONINGS:
         raise ValueError(f"time_conditioning must be one of {tuple(TIME_CONDITIONINGS)}, not {time_conditioning!r}")
     if float(channel_mults[0]) != 1.0:
@@ -149,7 +162,50 @@ def build_denoiser(image_size: int, base_channels: int = 128, channel_mults: Seq
     )
     model.time_proj = SinusoidalTimesteps(widths[0])
     set_attention_heads(model, num_heads)
+    if init == "zero_out":
+        zero_output_layers(model)
     return model
+
+
+def zero_output_layers(model: UNet2DModel) -> list[str]:
+    """Set to zero the layers the authors build with ``zero_module``; return their names.
+
+    They are, in our module names, every residual block's ``conv2`` (the authors' ResBlock
+    ``out_layers.3``, in the resampling blocks too), every attention layer's ``to_out.0`` (their
+    ``AttentionBlock.proj_out``) and ``conv_out`` (their ``out.2``); weights and biases alike.
+    The other layers keep PyTorch's default initialisation, as theirs.
+
+    Parameters
+    ----------
+    model : diffusers.UNet2DModel
+        Built by :func:`build_denoiser` (any device but ``meta``, where there is nothing to set).
+
+    Returns
+    -------
+    list of str
+        The prefixes of the zeroed modules.
+    """
+    from diffusers.models.resnet import ResnetBlock2D
+
+    zeroed = []
+    for name, module in model.named_modules():
+        target = None
+        if isinstance(module, ResnetBlock2D):
+            target, suffix = module.conv2, "conv2"
+        elif isinstance(module, Attention):
+            target, suffix = module.to_out[0], "to_out.0"
+        if target is not None:
+            _zero(target)
+            zeroed.append(f"{name}.{suffix}")
+    _zero(model.conv_out)
+    zeroed.append("conv_out")
+    return zeroed
+
+
+@torch.no_grad()
+def _zero(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.zero_()
 
 
 def set_attention_heads(model: nn.Module, num_heads: int) -> None:
@@ -255,5 +311,5 @@ class SegmentationSubNetwork(nn.Module):
         return torch.sigmoid(self.head(h))
 
 
-__all__ = ["build_denoiser", "set_attention_heads", "SegmentationSubNetwork", "SinusoidalTimesteps", "level_widths",
+__all__ = ["build_denoiser", "zero_output_layers", "INITS", "set_attention_heads", "SegmentationSubNetwork", "SinusoidalTimesteps", "level_widths",
            "attention_levels", "RESAMPLES", "TIME_CONDITIONINGS"]

@@ -91,6 +91,11 @@ SETTINGS = (
             "biggan_updown=True), 'conv': strided / up-sampling convolutions", choices=("resnet", "conv")),
     Setting("norm_groups", int, 32, "GroupNorm groups in the UNet (the authors' GroupNorm32)", minimum=1),
     Setting("dropout", float, 0.0, "dropout in the UNet's residual blocks", minimum=0.0, maximum=1.0),
+    Setting("denoiser_init", str, "zero_out", "initialisation of the UNet: 'zero_out' (every residual block's last "
+            "convolution, every attention output projection and the final convolution start at zero) or 'default' "
+            "(diffusers' initialisation, nothing zeroed)", choices=("zero_out", "default"),
+            choice="the authors' Recon_subnetwork.py wraps those layers in zero_module (a fresh UNet predicts zero "
+                   "noise, every block starts as the identity); the paper is silent"),
     # -- segmentation network
     Setting("seg_base_channels", int, 64, "segmentation U-Net width of the first stage", minimum=1),
     Setting("seg_depth", int, 6, "segmentation U-Net stages (the authors': 6)", minimum=2),

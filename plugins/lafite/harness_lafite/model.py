@@ -10,7 +10,8 @@ Fit (three checkpointed stages, :mod:`harness.checkpoint`; a killed fit resumes 
        ``--weights random``); recorded in ``context.info["backbone_init"]``. The aggregated
        feature tensor of every fitting image (:mod:`harness_lafite.features`) is standardised per
        channel with the fitting images' mean and standard deviation when ``feature_standardize``
-       (the paper is silent on feature scale; the noise schedule assumes unit scale); editing,
+       (off in ``paper``: neither the paper nor UniAD standardises, and it would reweight the
+       channels in Eq. 12's error and the editing distances; on in ``tiny``); editing,
        diffusion and the reconstruction error all live in that space. Every feature slice goes
        into the memory bank, reduced to a greedy coreset (``coreset_ratio``).
     2. ``unet``: the U-Net is trained on the feature tensors (Eq. 6), AdamW, the learning rate
