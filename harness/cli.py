@@ -154,11 +154,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     for note in notes:
         print(note, file=sys.stderr)
     jobs = expand_jobs(methods, datasets, args.protocol, shots, seeds, {**{d: "" for d in datasets}, **profiles},
-                       dev_run=args.fast_dev_run, weights=args.weights, method_overrides=overrides)
+                       dev_run=args.fast_dev_run, weights=args.weights, method_overrides=overrides,
+                       eval_grid=args.eval_grid)
     eval_size = None if args.eval_size == "native" else _positive_int(args.eval_size or "256", "--eval-size")
     options = RunOptions(
         results_dir=Path(args.results_dir), cache_dir=Path(args.cache_dir), device=args.device, eval_size=eval_size,
-        eval_size_source="option" if args.eval_size else "default",
+        eval_size_source="option" if args.eval_size else "default", eval_grid=args.eval_grid,
         data_roots=_data_roots(args.data_root, datasets), force=args.force, fit_cache=not args.no_fit_cache,
         weights_dir=Path(args.weights_dir) if args.weights_dir else None, progress=False if args.no_progress else None,
         fast_dev_run=args.fast_dev_run, weights=args.weights, checkpoint_interval=args.checkpoint_interval,
@@ -538,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     run.add_argument("--eval-size", default=None,
                      help="side of the pixel-metric grid, or 'native' (default: the profile's eval_size, else 256)")
+    run.add_argument("--eval-grid", default="harness", choices=["harness", "paper"],
+                     help="pixel grid of the metrics: harness (one rule for every method, default) or paper (each "
+                          "paper's own mask resizing and binarisation, to reproduce its number; recorded)")
     run.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
                      help="numeric precision (autocast; default: each paper's, i.e. the profile's)")
     run.add_argument("--weights", default="pretrained", choices=["pretrained", "random"],

@@ -7,6 +7,17 @@ its maps are resized bilinearly to the evaluation grid and streamed with the gro
 into the exact metric engine (:class:`harness.metrics.MetricAccumulator`), so the maps are not
 kept — unless a metric plugin other than the standard seven needs them, or a *map sink* (saved
 maps for the report and ``export-maps``) takes them.
+
+The grid (:class:`harness.EvalGrid`, ``--eval-grid``)
+    ``harness`` (the default, one rule for every method): ``eval_size`` x ``eval_size`` over the
+    whole image; the binary mask resized by nearest neighbour (so it stays binary, no second
+    threshold grows or shrinks a defect); the method's map, which covers the whole image at its
+    input size, resized bilinearly (``align_corners=False``). ``paper``: the grid the method's
+    spec declares (``MethodSpec.paper_grid``): the 0/255 mask is resized as the authors' loader
+    resizes it (nearest or bilinear, Pillow or ``cv2.resize``, square or shorter side, then a
+    centre crop), binarised by their rule (> 0, or ``int(value / 255)``), and the map is resized
+    to the same resized image and cropped alike. The record says which grid was used
+    (``run.eval_grid``).
 """
 
 from __future__ import annotations
@@ -17,14 +28,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness.data import ImageCache, Sample, read_image, read_mask, resize_mask, same_shape_runs, to_tensor
+from harness.data import (ImageCache, Sample, read_image, read_mask, resize_mask, resized_shape, same_shape_runs,
+                          to_tensor)
 from harness.efficiency import PredictTimer, count_flops
 from harness.errors import HarnessError, MethodOutputError
 from harness.method import Method, Prediction, as_numpy
 from harness.metrics import CategoryScores, MetricAccumulator
 from harness.metrics.builtin import STANDARD_METRICS
 from harness.progress import Progress
-from harness.specs import MetricSpec
+from harness.specs import EvalGrid, MetricSpec, harness_grid
+from harness.toolkit.crops import CropBox, center_crop_box
 
 
 class MapSink(Protocol):
@@ -59,13 +72,57 @@ def resize_map(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return F.interpolate(tensor, size=tuple(shape), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def ground_truth(sample: Sample, eval_size: int | None) -> np.ndarray:
-    """The mask at the evaluation size (all false for normal images and missing masks)."""
+def _grid_shape(native: tuple[int, int], grid: EvalGrid) -> tuple[tuple[int, int], CropBox]:
+    """(resized shape, crop box in it) of an image of ``native`` (H, W) on ``grid``."""
+    resized = resized_shape(native, (grid.size, grid.size), grid.resize_mode) if grid.size else tuple(native)
+    return resized, center_crop_box(resized, grid.crop)
+
+
+def grid_mask(mask: np.ndarray, grid: EvalGrid) -> np.ndarray:
+    """A native boolean mask on ``grid`` (see the module docstring)."""
+    resized, box = _grid_shape(mask.shape, grid)
+    if grid.mask_interpolation == "nearest" and grid.mask_binarize == "nonzero":
+        out = resize_mask(mask, resized)
+    elif mask.shape == tuple(resized):
+        out = mask
+    else:
+        u8 = mask.astype(np.uint8) * 255
+        if grid.mask_antialias:
+            from PIL import Image
+
+            filt = Image.NEAREST if grid.mask_interpolation == "nearest" else Image.BILINEAR
+            values = np.asarray(Image.fromarray(u8).resize((resized[1], resized[0]), filt))
+        else:
+            import cv2
+
+            flag = cv2.INTER_NEAREST if grid.mask_interpolation == "nearest" else cv2.INTER_LINEAR
+            values = cv2.resize(u8, (resized[1], resized[0]), interpolation=flag)
+        # int(value / 255) keeps only pixels that stayed 255; > 0 keeps every touched pixel.
+        out = values >= 255 if grid.mask_binarize == "truncate" else values > 0
+    return out[box.top:box.top + box.height, box.left:box.left + box.width]
+
+
+def grid_map(amap: np.ndarray, native: tuple[int, int], grid: EvalGrid) -> np.ndarray:
+    """A whole-image map onto ``grid`` for an image of ``native`` (H, W): resized, then cropped."""
+    resized, box = _grid_shape(native, grid)
+    out = resize_map(amap, resized)
+    return out[box.top:box.top + box.height, box.left:box.left + box.width]
+
+
+def ground_truth(sample: Sample, eval_size: int | None, grid: EvalGrid | None = None) -> np.ndarray:
+    """The mask on the evaluation grid (all false for normal images and missing masks).
+
+    ``grid`` (default: the harness grid at ``eval_size``) says how the mask is resized.
+    """
+    grid = grid or harness_grid(eval_size)
     if sample.mask is None:
-        shape = (eval_size, eval_size) if eval_size else native_size(sample)
-        return np.zeros(shape, dtype=bool)
-    mask = read_mask(sample.mask)
-    return resize_mask(mask, (eval_size, eval_size)) if eval_size else mask
+        if grid.size is None:
+            return np.zeros(native_size(sample), dtype=bool)
+        if grid.resize_mode == "square" and not grid.crop:
+            return np.zeros((grid.size, grid.size), dtype=bool)
+        resized, box = _grid_shape(native_size(sample), grid)
+        return np.zeros((box.height, box.width), dtype=bool)
+    return grid_mask(read_mask(sample.mask), grid)
 
 
 def check_prediction(prediction: Prediction, batch: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
@@ -111,14 +168,17 @@ class Evaluator:
     latency_repeats : int
     sinks : sequence of MapSink
         Receive every batch of checked, resized maps.
+    grid : EvalGrid, optional
+        The pixel grid (default: the harness grid at ``eval_size``).
     """
 
     def __init__(self, dataset: str, metrics: Sequence[MetricSpec], eval_size: int | None, device: torch.device,
                  images: ImageCache, progress: Progress, latency_repeats: int = 3,
-                 sinks: Sequence[MapSink] = ()) -> None:
+                 sinks: Sequence[MapSink] = (), grid: EvalGrid | None = None) -> None:
         self.dataset = dataset
         self.metrics = list(metrics)
         self.eval_size = eval_size
+        self.grid = grid or harness_grid(eval_size)
         self.device = device
         self.images = images
         self.progress = progress
@@ -172,8 +232,11 @@ class Evaluator:
         for batch, images in runs:
             prediction = self.timer.time(lambda: method.predict(images, [s.category for s in batch]), len(batch))
             batch_maps, batch_scores = check_prediction(prediction, batch)
-            batch_masks = [ground_truth(sample, self.eval_size) for sample in batch]
-            resized = [resize_map(amap, mask.shape) for amap, mask in zip(batch_maps, batch_masks)]
+            batch_masks = [ground_truth(sample, self.eval_size, self.grid) for sample in batch]
+            if self.grid.name == "harness":
+                resized = [resize_map(amap, mask.shape) for amap, mask in zip(batch_maps, batch_masks)]
+            else:
+                resized = [grid_map(amap, native_size(sample), self.grid) for amap, sample in zip(batch_maps, batch)]
             shapes.update(m.shape for m in batch_masks)
             if len(shapes) > 1:
                 raise HarnessError(f"{self.dataset}/{category}: test images have different sizes {sorted(shapes)}; "

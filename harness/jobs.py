@@ -26,6 +26,9 @@ class Job:
         ``--fast-dev-run``: a smoke test of the real code, never a result.
     weights : str
         ``pretrained`` or ``random`` (``--weights random``: never a result).
+    eval_grid : str
+        ``harness`` or ``paper`` (``--eval-grid``): a paper-grid record never stands in for a
+        harness-grid one.
     """
 
     method: str
@@ -37,6 +40,7 @@ class Job:
     overrides: tuple[tuple[str, Any], ...] = field(default=())
     dev_run: bool = False
     weights: str = "pretrained"
+    eval_grid: str = "harness"
 
     @property
     def protocol_label(self) -> str:
@@ -47,7 +51,8 @@ class Job:
     def label(self) -> str:
         """Human-readable key, e.g. ``patchcore/tiny on synthetic multiclass seed 0``."""
         extra = f" {dict(self.overrides)}" if self.overrides else ""
-        marks = "".join([" [dev run]" if self.dev_run else "", " [random weights]" if self.weights == "random" else ""])
+        marks = "".join([" [dev run]" if self.dev_run else "", " [random weights]" if self.weights == "random" else "",
+                         " [paper grid]" if self.eval_grid == "paper" else ""])
         return f"{self.method}/{self.profile} on {self.dataset} {self.protocol_label} seed {self.seed}{extra}{marks}"
 
     def overrides_hash(self) -> str:
@@ -63,6 +68,7 @@ class Job:
         stem = f"{self.profile}-seed{self.seed}" + (f"-{digest}" if digest else "")
         # Smoke tests get their own files, so they never stand in for (or skip) a real job.
         stem += ("-devrun" if self.dev_run else "") + ("-randomweights" if self.weights == "random" else "")
+        stem += "-papergrid" if self.eval_grid == "paper" else ""
         return Path(self.dataset) / self.protocol_label / self.method / f"{stem}.json"
 
     def record_path(self, results_dir: Path) -> Path:
@@ -77,6 +83,8 @@ class Job:
             out["dev_run"] = True
         if self.weights != "pretrained":
             out["weights"] = self.weights
+        if self.eval_grid != "harness":
+            out["eval_grid"] = self.eval_grid
         return out
 
     @classmethod
@@ -86,7 +94,7 @@ class Job:
         return cls(str(data["method"]), str(data["dataset"]), str(data["protocol"]),
                    None if data.get("shots") is None else int(data["shots"]), int(data.get("seed", 0)),
                    str(data["profile"]), overrides, bool(data.get("dev_run", False)),
-                   str(data.get("weights", "pretrained")))
+                   str(data.get("weights", "pretrained")), str(data.get("eval_grid", "harness")))
 
     def lock_path(self, results_dir: Path) -> Path:
         """The job's lock file under ``results_dir`` (see :mod:`harness.locks`)."""
@@ -96,7 +104,7 @@ class Job:
 def expand_jobs(methods: Sequence[str], datasets: Sequence[str], protocol: str, shots: Sequence[int] | None,
                 seeds: Sequence[int], profiles: Mapping[Any, str], overrides: Mapping[str, Any] | None = None,
                 dev_run: bool = False, weights: str = "pretrained",
-                method_overrides: Mapping[str, Mapping[str, Any]] | None = None) -> list[Job]:
+                method_overrides: Mapping[str, Mapping[str, Any]] | None = None, eval_grid: str = "harness") -> list[Job]:
     """The cross product of the run's options, in a stable order (dataset, shots, seed, method).
 
     Parameters
@@ -107,11 +115,13 @@ def expand_jobs(methods: Sequence[str], datasets: Sequence[str], protocol: str, 
         Typed setting overrides for every method.
     method_overrides : mapping, optional
         Typed setting overrides per method name (replaces ``overrides`` for that method).
+    eval_grid : str
+        ``harness`` or ``paper`` (see :class:`Job`).
     """
     def overrides_of(method: str) -> tuple[tuple[str, Any], ...]:
         values = (method_overrides or {}).get(method, overrides or {})
         return tuple(sorted(values.items()))
 
     shot_list: Sequence[int | None] = list(shots) if protocol == "fewshot" else [None]
-    return [Job(m, d, protocol, k, s, profiles.get((m, d)) or profiles[d], overrides_of(m), dev_run, weights)
+    return [Job(m, d, protocol, k, s, profiles.get((m, d)) or profiles[d], overrides_of(m), dev_run, weights, eval_grid)
             for d in datasets for k in shot_list for s in seeds for m in methods]

@@ -162,7 +162,9 @@ def _record_row(path: Path, record: dict[str, Any]) -> dict[str, Any]:
         "shots": job.get("shots"),
         "method": job.get("method"),
         "profile": job.get("profile"),
-        "overrides": _overrides_text(job.get("overrides")),
+        # A paper-grid record is its own variant: never averaged with the harness grid's.
+        "overrides": ", ".join(filter(None, [_overrides_text(job.get("overrides")),
+                                             "eval_grid=paper" if job.get("eval_grid") == "paper" else ""])),
         "seed": job.get("seed"),
         "status": record.get("status"),
         "result": not (record.get("run") or {}).get("dev_run") and (record.get("run") or {}).get("weights") != "random",

@@ -34,6 +34,9 @@ class RunOptions:
     eval_size_source : str
         ``"option"`` when the user chose ``eval_size``; ``"default"`` lets a method whose
         profile declares an ``eval_size`` setting (the paper's evaluation size) use it.
+    eval_grid : str
+        ``harness`` (one grid rule for every method, the default) or ``paper`` (each method's
+        declared paper grid, :class:`harness.EvalGrid`); part of each job's key.
     data_roots : mapping of str to Path
         Root folder per dataset name.
     force : bool
@@ -70,6 +73,7 @@ class RunOptions:
     device: str = "auto"
     eval_size: int | None = 256
     eval_size_source: str = "option"
+    eval_grid: str = "harness"
     data_roots: Mapping[str, Path] = field(default_factory=dict)
     force: bool = False
     fit_cache: bool = True

@@ -25,7 +25,7 @@ from harness.protocols import FitUnit, plan_fit_units
 from harness.records import DamagedRecordError, load_record
 from harness.registry import Registry
 from harness.settings import SettingError, Settings, open_choices
-from harness.specs import DatasetSpec, MethodSpec, Resources
+from harness.specs import DatasetSpec, EvalGrid, MethodSpec, Resources, harness_grid
 from harness.weights import Located, WeightsResolver
 
 #: Training and test images per category in a fast dev run.
@@ -60,7 +60,10 @@ class PlannedJob:
     eval_size : int or None
         The evaluation grid's side (None: native resolution).
     eval_size_source : str
-        ``--eval-size``, ``profile`` (the method's ``eval_size`` setting) or ``default``.
+        ``--eval-size``, ``profile`` (the method's ``eval_size`` setting), ``paper grid`` or
+        ``default``.
+    eval_grid : EvalGrid or None
+        The pixel grid (None: the harness grid at ``eval_size``).
     notes : list of str
         Facts the record repeats (another protocol than the paper's, ...).
     """
@@ -79,6 +82,12 @@ class PlannedJob:
     eval_size: int | None
     eval_size_source: str
     notes: list[str] = field(default_factory=list)
+    eval_grid: EvalGrid | None = None
+
+    @property
+    def grid(self) -> EvalGrid:
+        """The pixel grid the job is evaluated on."""
+        return self.eval_grid or harness_grid(self.eval_size)
 
     @property
     def missing_weights(self) -> list[Located]:
@@ -91,6 +100,7 @@ class PlannedJob:
         info: dict[str, Any] = {
             "dev_run": self.job.dev_run, "weights": self.job.weights, "precision": precision,
             "eval_size": self.eval_size if self.eval_size else "native", "eval_size_source": self.eval_size_source,
+            "eval_grid": self.grid.as_dict(),
             "executor": options.executor, "paper_protocol": self.spec.paper_protocol or None,
             "resources": self.resources.as_dict(),
         }
@@ -134,7 +144,8 @@ class Plan:
             units = ", ".join(f"{u.name} ({len(u.train)} train)" for u in planned.units)
             lines.append(f"    fits: {units}")
             eval_size = planned.eval_size or "native"
-            lines.append(f"    evaluation size: {eval_size} ({planned.eval_size_source}); resources: "
+            lines.append(f"    evaluation size: {eval_size} ({planned.eval_size_source}; {planned.grid.name} grid); "
+                         "resources: "
                          + ", ".join(f"{k}={v:g}" for k, v in planned.resources.as_dict().items()))
             if planned.differences:
                 lines.append("    settings changed from the profile: "
@@ -185,6 +196,17 @@ def _eval_size(settings: Settings, options: RunOptions) -> tuple[int | None, str
     if declared is not None:
         return (int(declared) or None), "profile"
     return options.eval_size if options.eval_size is not None else DEFAULT_EVAL_SIZE, "default"
+
+
+def _paper_grid(spec: MethodSpec, settings: Settings, options: RunOptions) -> EvalGrid:
+    """The paper's grid a method declares, or the harness rule at its size when it declares none."""
+    if options.eval_size_source == "option":
+        raise UsageError("--eval-grid paper uses each paper's own grid size; leave --eval-size out")
+    if spec.paper_grid is not None:
+        return spec.paper_grid(settings)
+    size, _ = _eval_size(settings, options)
+    return EvalGrid(name="paper", size=size, note=f"{spec.name} declares no paper grid: the harness rule at its "
+                    "evaluation size")
 
 
 def _dev_units(units: list[FitUnit]) -> list[FitUnit]:
@@ -280,6 +302,10 @@ class Planner:
                                   cpus=resources.cpus if self.options.job_cpus is None else self.options.job_cpus,
                                   memory_gb=resources.memory_gb)
         eval_size, source = _eval_size(settings, self.options)
+        grid = None
+        if job.eval_grid == "paper":
+            grid = _paper_grid(spec, settings, self.options)
+            eval_size, source = grid.size, "paper grid"
         notes = []
         if spec.paper_protocol and spec.paper_protocol != job.protocol:
             notes.append(f"the paper evaluates {spec.name} under the {spec.paper_protocol} protocol; this job runs "
@@ -288,7 +314,7 @@ class Planner:
         return PlannedJob(job=job, spec=spec, dataset=dataset, settings=settings,
                           differences=spec.schema.differences(settings, spec.profiles[job.profile]), units=units,
                           tests=tests, record_path=path, status=_record_status(path), weights=weights, resources=resources,
-                          eval_size=eval_size, eval_size_source=source, notes=notes)
+                          eval_size=eval_size, eval_size_source=source, notes=notes, eval_grid=grid)
 
     def plan(self, jobs: Sequence[Job]) -> Plan:
         """Plan every job; the first usage error raises."""

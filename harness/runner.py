@@ -210,7 +210,7 @@ class JobRunner:
         metrics = self.registry.metric_specs(planned.job.dataset)
         sinks: list[MapSink] = list(self.sinks(planned)) if self.sinks is not None else []
         evaluator = Evaluator(planned.job.dataset, metrics, planned.eval_size, self.device, self.images, self.progress,
-                              self.options.latency_repeats, sinks)
+                              self.options.latency_repeats, sinks, grid=planned.grid)
         try:
             for unit in planned.units:
                 phase = "build"

@@ -125,6 +125,77 @@ class WeightFile:
                 "setting": self.setting, "folder": self.folder}
 
 
+#: ``--eval-grid`` choices: the harness's one rule for every method, or each paper's own grid.
+EVAL_GRIDS = ("harness", "paper")
+#: How a grid turns a resized mask into defect pixels: ``nonzero`` (any value above 0) or
+#: ``truncate`` (``int(value / 255)``: only pixels that stay fully 255 after resizing).
+MASK_BINARIZE = ("nonzero", "truncate")
+
+
+@dataclass(frozen=True)
+class EvalGrid:
+    """The pixel grid on which maps and masks are compared (see :mod:`harness.evaluation`).
+
+    The harness grid (the default, one rule for every method) is ``size`` x ``size`` over the
+    whole image, masks resized by nearest neighbour and binarised at > 0, maps resized
+    bilinearly. A method may declare its paper's grid (``MethodSpec.paper_grid``) so that
+    ``--eval-grid paper`` reproduces the paper's number: the masks are then transformed exactly
+    as the authors' data loader transforms them, and the maps are brought onto the same pixels.
+
+    Attributes
+    ----------
+    name : str
+        ``harness`` or ``paper``.
+    size : int or None
+        Side of the grid (the shorter side with ``resize_mode="shorter_side"``); None keeps each
+        mask's native resolution.
+    resize_mode : str
+        ``square`` or ``shorter_side`` (aspect ratio kept; :func:`harness.data.resized_shape`).
+    crop : int
+        Side of the centre crop taken after resizing (torchvision's rounding; 0: none).
+    mask_interpolation : str
+        ``nearest`` or ``bilinear``: how the 0/255 mask is resized.
+    mask_antialias : bool
+        Pillow's filter (true, as torchvision's ``Resize`` on a PIL mask) or ``cv2.resize``.
+    mask_binarize : str
+        ``nonzero`` or ``truncate`` (:data:`MASK_BINARIZE`).
+    note : str
+        Whose grid this is, in words (recorded).
+    """
+
+    name: str = "harness"
+    size: int | None = 256
+    resize_mode: str = "square"
+    crop: int = 0
+    mask_interpolation: str = "nearest"
+    mask_antialias: bool = True
+    mask_binarize: str = "nonzero"
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.name not in EVAL_GRIDS:
+            raise ValueError(f"EvalGrid.name must be one of {EVAL_GRIDS}, not {self.name!r}")
+        if self.mask_binarize not in MASK_BINARIZE:
+            raise ValueError(f"EvalGrid.mask_binarize must be one of {MASK_BINARIZE}, not {self.mask_binarize!r}")
+        if self.mask_interpolation not in ("nearest", "bilinear"):
+            raise ValueError(f"EvalGrid.mask_interpolation must be 'nearest' or 'bilinear', not "
+                             f"{self.mask_interpolation!r}")
+        if self.resize_mode not in ("square", "shorter_side"):
+            raise ValueError(f"EvalGrid.resize_mode must be 'square' or 'shorter_side', not {self.resize_mode!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form (the record's ``run.eval_grid``)."""
+        return {"name": self.name, "size": self.size or "native", "resize_mode": self.resize_mode, "crop": self.crop,
+                "mask_interpolation": self.mask_interpolation, "mask_antialias": self.mask_antialias,
+                "mask_binarize": self.mask_binarize, "note": self.note}
+
+
+def harness_grid(size: int | None) -> EvalGrid:
+    """The harness's common grid at ``size`` (None: native resolution)."""
+    return EvalGrid(name="harness", size=size, note="the harness's grid: masks resized by nearest neighbour and "
+                    "binarised at > 0, maps resized bilinearly, the whole image")
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """Description of an anomaly detection method.
@@ -162,6 +233,9 @@ class MethodSpec:
         ``weights(settings) -> sequence of WeightFile``: the pretrained files a job with these
         settings loads (none when its settings ask for random initialisation). The preflight
         checks them and ``harness weights`` lists, verifies and pulls them.
+    paper_grid : callable, optional
+        ``paper_grid(settings) -> EvalGrid``: the pixel grid of the paper's own evaluation code,
+        used with ``--eval-grid paper`` (none declared: the harness rule at the method's size).
     """
 
     name: str
@@ -175,6 +249,7 @@ class MethodSpec:
     paper_protocol: str = ""
     resources: Mapping[str, Resources] = field(default_factory=dict)
     weights: Callable[[Settings], Sequence[WeightFile]] | None = None
+    paper_grid: Callable[[Settings], EvalGrid] | None = None
 
     @cached_property
     def schema(self) -> SettingsSchema:

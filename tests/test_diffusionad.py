@@ -170,7 +170,7 @@ def test_dtd_folder_is_used_and_required(tmp_path):
     Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(tmp_path / "a.jpg")
     source = synthesis.TextureSource(tmp_path, (16, 16))
     assert source.kind == "dtd"
-    assert source.sample(np.random.default_rng(0)).shape == (3, 16, 16)
+    assert source.sample(np.random.default_rng(0)).shape == (16, 16, 3)
 
 
 def test_paper_profile_requires_dtd_unless_opted_out(tmp_path):
@@ -394,3 +394,48 @@ def test_killed_run_resumes_and_ends_with_the_same_metrics(tmp_path):
     assert where["stage"] == "joint" and where["step"] >= steps // 2
     assert record["metrics"] == reference["metrics"]
     assert record["mean"] == reference["mean"]
+
+
+def test_grid_shuffle_strips_is_the_authors_alternate_strip_shuffle():
+    """'strips': even columns strips first, then odd ones, each group shuffled; rows likewise after a full shuffle."""
+    from harness_diffusionad.synthesis import grid_shuffle
+
+    h = w = 16
+    image = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), axis=-1).astype(np.uint8)
+    out = grid_shuffle(image, np.random.default_rng(3), grid=8, mode="strips")
+    columns = out[0, ::2, 1] // 2  # the source strip of each output column strip (strips are 2 px)
+    rows = out[::2, 0, 0] // 2
+    # The first half of the columns holds the even strips, the second half the odd ones.
+    assert sorted(columns[:4]) == [0, 2, 4, 6] and sorted(columns[4:]) == [1, 3, 5, 7]
+    assert sorted(rows) == list(range(8))
+    # Strips move whole: every 2 x 2 cell is one source cell.
+    assert (out[::2, ::2] == out[1::2, 1::2] - [1, 1]).all()
+    cells = grid_shuffle(image, np.random.default_rng(3), grid=8, mode="cells")
+    assert sorted(map(tuple, cells[::2, ::2].reshape(-1, 2) // 2)) == [(i, j) for i in range(8) for j in range(8)]
+
+
+def test_augmentation_pools_are_the_codes_ten_and_the_papers_seven():
+    from harness_diffusionad.synthesis import AUGMENTATION_POOLS, augment
+
+    assert len(AUGMENTATION_POOLS["code"]) == 10 and len(AUGMENTATION_POOLS["paper"]) == 7
+    assert not {"brightness", "hue_saturation", "rotate"} & set(AUGMENTATION_POOLS["paper"])
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3)).astype(np.uint8)
+    out = augment(image, np.random.default_rng(1), 3, "code")
+    assert out.dtype == np.uint8 and out.shape == image.shape
+
+
+def test_paper_text_profile_follows_the_text_and_paper_the_code():
+    paper, text = SPEC.resolve("paper"), SPEC.resolve("paper_text")
+    assert (paper.augmentation_pool, paper.grid_shuffle, paper.x0_clamp, paper.antialias) == \
+        ("code", "strips", "symmetric", False)
+    assert (text.augmentation_pool, text.augmentations, text.grid_shuffle, text.x0_clamp) == \
+        ("paper", 2, "cells", "none")
+    assert paper.denoiser_init == "zero_out"
+
+
+def test_x0_clamp_none_keeps_the_unclamped_estimate():
+    from harness_diffusionad.model import Schedule, linear_betas
+
+    x_t, eps, t = torch.full((1, 3, 2, 2), 3.0), torch.zeros(1, 3, 2, 2), torch.tensor([10])
+    assert Schedule(linear_betas(1000)).x0_from_eps(x_t, t, eps).max() == 1.0
+    assert Schedule(linear_betas(1000), clamp=False).x0_from_eps(x_t, t, eps).max() > 3.0

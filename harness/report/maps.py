@@ -181,6 +181,7 @@ class SavedMapsSink:
         self.mode = mode
         self.dataset = planned.job.dataset
         self.eval_size = planned.eval_size
+        self.grid = getattr(planned, "grid", None)
         self.record_path = Path(planned.record_path)
         self.folder = artifacts_folder(self.record_path)
         self.tests = planned.tests
@@ -240,7 +241,7 @@ class SavedMapsSink:
         from harness.evaluation import ground_truth
 
         stacked = np.stack([np.asarray(m, dtype=np.float32) for m in maps])
-        masks = np.stack([ground_truth(s, self.eval_size) for s in samples])
+        masks = np.stack([ground_truth(s, self.eval_size, self.grid) for s in samples])
         tensors: dict[str, np.ndarray] = {"maps": stacked, "masks": pack_mask(masks), "scores": scores}
         for row, sample in enumerate(samples):
             tensors[f"image_png/{row}"] = encode_png(_image_at(sample, stacked.shape[1:]))
@@ -284,7 +285,7 @@ class SavedMapsSink:
         entries = []
         ordered = sorted(self._kept.values(), key=lambda k: (self._categories.index(k.category), k.key))
         for index, kept in enumerate(ordered):
-            mask = _mask_of(kept.sample, self.eval_size, kept.amap.shape)
+            mask = _mask_of(kept.sample, self.eval_size, kept.amap.shape, self.grid)
             tensors[f"{index}/map"] = kept.amap
             tensors[f"{index}/mask"] = pack_mask(mask)
             tensors[f"{index}/image_png"] = encode_png(_image_at(kept.sample, kept.amap.shape))
@@ -329,10 +330,10 @@ def _image_at(sample: Any, shape: Sequence[int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((int(shape[1]), int(shape[0])), Image.BILINEAR))
 
 
-def _mask_of(sample: Any, eval_size: int | None, shape: Sequence[int]) -> np.ndarray:
+def _mask_of(sample: Any, eval_size: int | None, shape: Sequence[int], grid: Any = None) -> np.ndarray:
     from harness.evaluation import ground_truth
 
-    mask = ground_truth(sample, eval_size)
+    mask = ground_truth(sample, eval_size, grid)
     return mask if mask.shape == tuple(shape) else np.zeros(tuple(shape), dtype=bool)
 
 

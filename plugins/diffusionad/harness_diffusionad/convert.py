@@ -1,7 +1,7 @@
 """Load the authors' DiffusionAD weights: their state_dict layout mapped onto our networks.
 
 The authors' code (HuiZhang0812/DiffusionAD) saves ``UNetModel.state_dict()`` and
-``SegmentationSubNetwork.state_dict()``; their released checkpoints (``params-best.pt``, one per
+``SegmentationSubNetwork.state_dict()``; the checkpoints their ``train.py`` writes (``params-best.pt``, one per
 category) hold them under ``unet_model_state_dict`` and ``seg_model_state_dict``. No library
 conversion exists for this layout (diffusers converts Stable Diffusion / ControlNet checkpoints,
 not guided-diffusion UNets), so the map is derived here from the network configuration:

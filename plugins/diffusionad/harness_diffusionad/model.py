@@ -7,7 +7,8 @@ Diffusion arithmetic (the authors' ``models/DDPM.py``)
     ``get_beta_schedule``), computed in float64 and cast to float32 when used.
     ``q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` and the one-step estimate
     ``x0_hat = clamp(sqrt(1 / abar_t) x_t - sqrt(1 / abar_t - 1) eps_theta, -1, 1)``; the clamp to
-    [-1, 1] (not [0, 1]) is the authors', kept in both ranges.
+    [-1, 1] (not [0, 1]) is the authors', kept in both ranges (``x0_clamp="symmetric"``); the
+    paper's Algorithms 1 and 2 do not clamp (``x0_clamp="none"``, the ``paper_text`` profile).
 
 Training (``training="norm_guided"``: the authors' ``train.py`` and ``norm_guided_one_step_denoising``)
     Batches come from DataLoader workers (:mod:`harness_diffusionad.synthesis`): each image is
@@ -37,8 +38,9 @@ Inference (``eval.py``, ``norm_guided_one_step_denoising_eval``)
 
 The ``paper`` profile follows the authors' code (``args/args1.json``) where it and the paper's
 text disagree; the ``paper_text`` profile follows the text (500 epochs, batch 6 = 3 + 3,
-one learning rate 1e-4, Algorithm 1 training, two augmentations, levels 100 / 200 averaged).
-The authors select their released checkpoint on the *test set* (``train.py`` evaluates every 50
+one learning rate 1e-4, Algorithm 1 training, two of the paper's seven augmentations, the uniform
+8 x 8 shuffle, no clamp, levels 100 / 200 averaged).
+The authors' ``train.py`` selects its checkpoint on the *test set* (``train.py`` evaluates every 50
 epochs and keeps the best image + pixel AUROC); a reproduction here keeps the final epoch. Their
 checkpoints can be scored as they are with ``official_checkpoints`` (training is skipped).
 """
@@ -79,10 +81,13 @@ class Schedule:
     ----------
     betas : numpy.ndarray
         (T,) float64.
+    clamp : bool
+        Clamp one-step estimates to [-1, 1] (the authors' code) or not (the paper's text).
     """
 
-    def __init__(self, betas: np.ndarray) -> None:
+    def __init__(self, betas: np.ndarray, clamp: bool = True) -> None:
         self.betas = np.asarray(betas, dtype=np.float64)
+        self.clamp = bool(clamp)
         abar = np.cumprod(1.0 - self.betas)
         self.alphas_cumprod = abar
         self._coef = {
@@ -106,8 +111,9 @@ class Schedule:
         return self.coef("sqrt_abar", t, x0) * x0 + self.coef("sqrt_one_minus_abar", t, x0) * noise
 
     def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """One-step estimate of the clean image, clamped to [-1, 1] as the authors'."""
-        return (self.coef("sqrt_recip_abar", t, x_t) * x_t - self.coef("sqrt_recipm1_abar", t, x_t) * eps).clamp(-1, 1)
+        """One-step estimate of the clean image, clamped to [-1, 1] as the authors' (unless ``clamp`` is off)."""
+        x0 = self.coef("sqrt_recip_abar", t, x_t) * x_t - self.coef("sqrt_recipm1_abar", t, x_t) * eps
+        return x0.clamp(-1, 1) if self.clamp else x0
 
 
 def top_k_mean(maps: torch.Tensor, k: int = 50) -> torch.Tensor:
@@ -180,7 +186,7 @@ class DiffusionAD(Method):
         if s.gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
         self.segmenter = SegmentationSubNetwork(6, 1, base_channels=s.seg_base_channels, depth=s.seg_depth)
-        self.schedule = Schedule(linear_betas(s.T, s.beta_start, s.beta_end))
+        self.schedule = Schedule(linear_betas(s.T, s.beta_start, s.beta_end), clamp=s.x0_clamp == "symmetric")
 
     def networks(self) -> Mapping[str, torch.nn.Module]:
         """The denoising UNet and the segmentation U-Net."""
@@ -315,7 +321,7 @@ class DiffusionAD(Method):
         if s.texture_source == "procedural":
             return TextureSource(None, self.input_size), "procedural (texture_source=procedural)"
         if s.dtd_root:
-            source = TextureSource(s.dtd_root, self.input_size)
+            source = TextureSource(s.dtd_root, self.input_size, antialias=self.antialias)
             return source, f"dtd ({len(source.paths)} images under {source.root})"
         if context.random_weights:
             warnings.warn("diffusionad: no dtd_root with --weights random; procedural textures stand in for DTD "
@@ -348,12 +354,13 @@ class DiffusionAD(Method):
             self._load_official(train, context)
             return
         textures, texture_note = self._texture_source(context)
-        foregrounds = ForegroundMasks(s.foreground_root or None, self.input_size)
+        foregrounds = ForegroundMasks(s.foreground_root or None, self.input_size, antialias=self.antialias)
         texture_set = frozenset(context.textures) | frozenset(s.extra_texture_categories)
         foregrounds.check([(smp.category, smp.key) for smp in train.samples], texture_set)
         config = SynthesisConfig(
             textures=texture_set, foreground=s.foreground, scale_exp=tuple(s.perlin_scale_exp),
             threshold=s.perlin_threshold, beta_range=tuple(s.beta_range), augmentations=s.augmentations,
+            augmentation_pool=s.augmentation_pool, grid_shuffle=s.grid_shuffle,
             self_augment_probability=s.self_augment_probability, anomaly_probability=s.anomaly_probability)
         data = AnomalyTrainingSet(self._training_images(train), [smp.category for smp in train.samples],
                                   [smp.key for smp in train.samples], context.seed, textures, foregrounds, config)
@@ -414,7 +421,7 @@ class DiffusionAD(Method):
                                     "to fit CPU memory")
 
     def _load_official(self, train: TrainSet, context: FitContext) -> None:
-        """Load the authors' released checkpoint of the job's category instead of training."""
+        """Load a checkpoint in the authors' format (``params-best.pt``) for the job's category instead of training."""
         from harness_diffusionad.convert import load_official, read_official_checkpoint
 
         s = self.settings
@@ -439,7 +446,7 @@ class DiffusionAD(Method):
         context.info.update({
             "trained": False, "official_checkpoint": str(path), "official_checkpoint_sha256": digest,
             "official_checkpoint_epoch": data.get("n_epoch"),
-            "note": "the authors' released checkpoint, scored as is; their train.py keeps the checkpoint with the "
+            "note": "a checkpoint in the authors' format, scored as is; their train.py keeps the checkpoint with the "
                     "best test-set AUROC (params-best.pt), i.e. it was selected on the test set",
         })
 

@@ -18,22 +18,24 @@ Profiles
 ``paper_text``
     The paper's text where it differs from the code: 500 epochs, batch 6 made of 3 normal and 3
     synthetic images, one learning rate 1e-4 for both networks, training as Algorithm 1 (one
-    random level, noise loss on every image), two augmentations per anomaly source, inference at
-    levels 100 and 200 with the two segmentations averaged.
+    random level, noise loss on every image, no clamp of the estimate), two of the text's seven
+    augmentations per anomaly source, the uniform 8 x 8 shuffle, inference at levels 100 and 200
+    with the two segmentations averaged.
 ``tiny``
     The same code at toy scale for CPU runs: 32 px, an 8-channel three-level UNet, a 16-channel
     four-stage segmentation U-Net, procedural textures, larger learning rates, images diffused
     in [-1, 1] (see the profile's comment for why).
 
-No weights are pretrained. ``official_checkpoints`` points a run at the authors' released
-checkpoints (``<folder>/<category>/params-best.pt``) and skips training; that file is then the
-only one the job declares.
+No weights are pretrained, and the authors publish no trained model (their issues #41 and #68 ask
+for checkpoints). ``official_checkpoints`` points a run at checkpoints in the authors' format
+(``<folder>/<category>/params-best.pt``, as their ``train.py`` writes it, e.g. a model trained
+with their code) and skips training; that file is then the only one the job declares.
 """
 
 from __future__ import annotations
 
 from harness import MethodSpec, PaperRef, Resources, Setting, WeightFile, hookimpl
-from harness.settings import eval_batch_size, image_size, interpolation, precision
+from harness.settings import antialias, eval_batch_size, image_size, interpolation, precision
 
 PAPER = PaperRef(
     title="DiffusionAD: Norm-guided One-step Denoising Diffusion for Anomaly Detection",
@@ -49,8 +51,11 @@ SETTINGS = (
     image_size(256, choice="paper and code: 256 x 256"),
     eval_batch_size(8, choice="the authors' eval.py scores one image at a time; predictions do not depend on the "
                               "batch except for the seeded inference noise"),
-    interpolation("bilinear", choice="the authors resize with cv2.resize (bilinear, not antialiased); Pillow's "
-                                     "bilinear filter antialiases when shrinking"),
+    interpolation("bilinear", choice="the authors resize images, DTD textures and foreground masks with "
+                                     "cv2.resize (bilinear)"),
+    antialias(False, choice="false: the authors' cv2.resize does not antialias (Pillow's and torchvision's bilinear "
+                            "filters do when shrinking), so an authors' model sees the pixels it was trained on; "
+                            "true: Pillow's filter"),
     precision("fp32", choice=f"{_CODE} trains and evaluates in fp32"),
     Setting("train_batch_size", int, 16, "training images per step (normal and synthetic together)", minimum=1,
             choice=f"{_CODE}: 16; the paper's text: 6 (3 normal + 3 synthetic)"),
@@ -74,6 +79,10 @@ SETTINGS = (
             minimum=0.0),
     Setting("beta_end", float, 0.02, "last beta of the linear schedule (for T = 1000; scaled by 1000 / T)",
             minimum=0.0),
+    Setting("x0_clamp", str, "symmetric", "one-step estimates clamped to [-1, 1] ('symmetric') or not ('none')",
+            choices=("symmetric", "none"),
+            choice=f"{_CODE} clamps every x0 estimate to [-1, 1] (models/DDPM.py); the paper's Algorithms 1 and 2 do "
+                   "not clamp"),
     Setting("pixel_range", str, "unit", "range images are diffused in: 'unit' = [0, 1], 'symmetric' = [-1, 1]",
             choices=("unit", "symmetric"),
             choice="the authors diffuse the loader's [0, 1] images (x0 estimates still clamped to [-1, 1]); the "
@@ -150,6 +159,16 @@ SETTINGS = (
             choice="the authors' dataset ignores the index and draws an image at random (with replacement)"),
     Setting("augmentations", int, 3, "random augmentations applied to an anomaly source", minimum=0, maximum=10,
             choice=f"{_CODE}: 3 of its 10 augmenters; the paper's text: 2 of 7"),
+    Setting("augmentation_pool", str, "code", "augmentations drawn from: 'code' (the authors' ten imgaug augmenters: "
+            "gamma per channel, brightness x and + in a random colour space, sharpness, hue and saturation, solarize "
+            "with p 0.5, posterize, invert, autocontrast, equalize, rotation) or 'paper' (the text's seven: equalize, "
+            "sharpness, auto-contrast, solarize, posterize, invert, gamma-contrast)", choices=("code", "paper"),
+            choice=f"{_CODE}: the ten augmenters of randAugmenter; the paper's text names seven"),
+    Setting("grid_shuffle", str, "strips", "self-augmentation rearrangement: 'strips' (the code: alternate vertical, "
+            "then horizontal strips shuffled) or 'cells' (the 64 cells of the 8 x 8 grid in a uniform order)",
+            choices=("strips", "cells"),
+            choice=f"{_CODE} shuffles alternate strips; the paper's text: 'divided into an 8x8 grid and randomly "
+                   "rearranged'"),
     Setting("self_augment_probability", float, 0.5, "for objects: probability of the shuffled self-augmented image "
             "as the anomaly source instead of a texture", minimum=0.0, maximum=1.0),
     Setting("perlin_scale_exp", tuple[int, ...], (0, 6), "Perlin lattice cells per axis are 2**k, k in [lo, hi)",
@@ -158,8 +177,9 @@ SETTINGS = (
     Setting("beta_range", tuple[float, ...], (0.2, 0.8), "range of the opacity with which the normal image shows "
             "through an anomaly", minimum=0.0, maximum=1.0),
     # -- the authors' checkpoints
-    Setting("official_checkpoints", str, "", "the authors' released checkpoints: a folder with <category>/"
-            "<official_checkpoint_name>, or one file; when set, fit loads it and skips training"),
+    Setting("official_checkpoints", str, "", "checkpoints in the authors' format (train.py's params-best.pt; none is "
+            "published): a folder with <category>/<official_checkpoint_name>, or one file; when set, fit loads it and "
+            "skips training"),
     Setting("official_checkpoint_name", str, "params-best.pt", "checkpoint file name inside each category folder"),
 )
 
@@ -167,8 +187,8 @@ PROFILES = {
     "paper": {},
     "paper_text": {
         "epochs": 500, "train_batch_size": 6, "anomaly_sampling": "half", "seg_lr": 1e-4, "seg_cosine_tmax": 0,
-        "training": "single_level", "noise_loss_on": "all", "augmentations": 2, "levels": (100, 200),
-        "combination": "average",
+        "training": "single_level", "noise_loss_on": "all", "augmentations": 2, "augmentation_pool": "paper",
+        "grid_shuffle": "cells", "x0_clamp": "none", "levels": (100, 200), "combination": "average",
     },
     # Trained from scratch on a CPU, the segmentation network only starts to separate the
     # synthetic set's defects after several hundred joint steps, so the budget goes into steps
@@ -182,7 +202,7 @@ PROFILES = {
         "image_size": 32, "eval_batch_size": 30, "base_channels": 8, "channel_mults": (1, 2, 4),
         "layers_per_block": 1, "attention_resolutions": (8,), "norm_groups": 4, "seg_base_channels": 16,
         "seg_depth": 4, "epochs": 64, "denoiser_lr": 2e-3, "seg_lr": 3e-3, "seg_cosine_tmax": 0,
-        "pixel_range": "symmetric", "interpolation": "bicubic", "texture_source": "procedural",
+        "pixel_range": "symmetric", "interpolation": "bicubic", "antialias": True, "texture_source": "procedural",
         "synthesis_workers": 0, "anomaly_sampling": "half", "train_sampling": "permutation",
         # 32 px images: lattices finer than 4 x 4 cells give speckles of a pixel or two.
         "perlin_scale_exp": (0, 3),
@@ -201,8 +221,8 @@ def weight_files(settings):
     if not settings.official_checkpoints:
         return []
     return [WeightFile(key="official_checkpoints",
-                       what="the authors' released DiffusionAD checkpoints (params-best.pt per category, "
-                            "HuiZhang0812/DiffusionAD)",
+                       what="DiffusionAD checkpoints in the authors' format (params-best.pt per category, as "
+                            "HuiZhang0812/DiffusionAD's train.py writes them)",
                        setting="official_checkpoints", folder=True)]
 
 

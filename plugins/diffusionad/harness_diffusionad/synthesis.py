@@ -23,18 +23,20 @@ A synthetic anomaly is made in four steps, following the authors' data code
    and multiplied by ``F``; redrawn (same lattice) up to 50 times until it hits the foreground.
    The image counts as anomalous only if the mask is not empty (as the authors' ``has_anomaly``).
 3. **Source** ``A``: a texture image (DTD from ``dtd_root``, or a procedural texture when the user
-   opted out with ``texture_source="procedural"``) after ``augmentations`` random photometric /
-   geometric augmentations; for objects, with probability ``self_augment_probability``, the
-   image itself after the same augmentations, cut into an 8 x 8 grid of cells put back in random
-   order instead. Textures use external sources only.
+   opted out with ``texture_source="procedural"``) after ``augmentations`` random augmentations
+   drawn without replacement from ``augmentation_pool`` (``code``: the authors' ten imgaug
+   augmenters, each written here from imgaug's definition on ``uint8`` images; ``paper``: the
+   paper's seven); for objects, with probability ``self_augment_probability``, the image itself
+   after the same augmentations, rearranged on an 8 x 8 grid instead (``grid_shuffle``:
+   ``strips``, the code's alternate-strip shuffle, or ``cells``, the text's uniform order).
+   Textures use external sources only. Textures and foreground masks are resized with
+   ``cv2.resize`` as the authors' (``antialias=False``), or Pillow's filter.
 4. **Blend** (the paper's Eq. 9) with opacity ``beta ~ U(beta_range)``:
    ``S = beta (M N) + (1 - beta) (M A) + (1 - M) N``.
 
-Differences from the authors' code, all small: the augmentation pool is torchvision's versions of
-their ten imgaug augmenters (gamma, brightness, sharpness, hue, solarize, posterize, invert,
-autocontrast, equalize, rotation); the grid shuffle permutes the 64 cells uniformly (theirs
-shuffles alternate strips); Perlin noise is our own implementation of the same classic
-gradient noise.
+Differences from the authors' code: the random numbers (NumPy generators seeded per item, not
+imgaug's and Python's global ones); Perlin noise is our own implementation of the same classic
+gradient noise, and the Perlin mask is rotated with SciPy (theirs with imgaug's ``Affine``).
 
 **Data loading.** :class:`AnomalyTrainingSet` is a map-style dataset whose items are
 ``(index, epoch, position, synthetic)`` keys produced by :class:`EpochBatches`; every random draw
@@ -52,9 +54,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 from scipy import ndimage
+import cv2
 
 from harness.errors import HarnessError
 from harness.toolkit.foreground import object_foreground
@@ -184,11 +186,21 @@ def otsu_or_whole(image: np.ndarray, rule: str = "auto") -> np.ndarray:
     return fg
 
 
-def _read_grey(path: Path, size: tuple[int, int]) -> np.ndarray:
+def _resize_rgb_or_grey(array: np.ndarray, size: tuple[int, int], antialias: bool) -> np.ndarray:
+    """``uint8`` image resized bilinearly to ``size`` = (H, W): ``cv2.resize`` (the authors', no
+    antialiasing) or Pillow's antialiased filter."""
+    if array.shape[:2] == tuple(size):
+        return array
+    if not antialias:
+        return cv2.resize(np.ascontiguousarray(array), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    return np.asarray(Image.fromarray(array).resize((size[1], size[0]), Image.BILINEAR))
+
+
+def _read_grey(path: Path, size: tuple[int, int], antialias: bool = False) -> np.ndarray:
     """A greyscale mask file resized bilinearly to ``size`` = (H, W), as float in [0, 1]."""
     with Image.open(path) as img:
-        img = img.convert("L").resize((size[1], size[0]), Image.BILINEAR)
-        return np.asarray(img, dtype=np.float32) / 255.0
+        grey = np.asarray(img.convert("L"))
+    return _resize_rgb_or_grey(grey, size, antialias).astype(np.float32) / 255.0
 
 
 class ForegroundMasks:
@@ -202,11 +214,14 @@ class ForegroundMasks:
         files (Otsu / whole image is used).
     size : tuple of int
         (H, W) masks are resized to.
+    antialias : bool
+        False: ``cv2.resize`` (the authors'); True: Pillow's antialiased bilinear filter.
     """
 
-    def __init__(self, root: str | Path | None, size: tuple[int, int]) -> None:
+    def __init__(self, root: str | Path | None, size: tuple[int, int], antialias: bool = False) -> None:
         self.root = Path(root).expanduser() if root else None
         self.size = tuple(size)
+        self.antialias = bool(antialias)
         self.texture_paths: list[Path] = []
         if self.root is not None:
             if not self.root.is_dir():
@@ -242,8 +257,8 @@ class ForegroundMasks:
     def mask(self, category: str, key: str, is_texture: bool, rng: np.random.Generator) -> np.ndarray:
         """(H, W) float mask in [0, 1]: the image's DIS mask, or a random texture mask."""
         if is_texture:
-            return _read_grey(self.texture_paths[int(rng.integers(len(self.texture_paths)))], self.size)
-        return _read_grey(self.object_path(category, key), self.size)
+            return _read_grey(self.texture_paths[int(rng.integers(len(self.texture_paths)))], self.size, self.antialias)
+        return _read_grey(self.object_path(category, key), self.size, self.antialias)
 
 
 # -- texture sources -----------------------------------------------------------------------------
@@ -297,6 +312,8 @@ class TextureSource:
         (H, W) textures are resized to.
     max_cached : int
         Decoded DTD images kept in memory (per process: each DataLoader worker has its own).
+    antialias : bool
+        False: ``cv2.resize`` (the authors' bilinear, no antialiasing); True: Pillow's filter.
 
     Raises
     ------
@@ -304,8 +321,10 @@ class TextureSource:
         When ``dtd_root`` is given but is not a folder or holds no image.
     """
 
-    def __init__(self, dtd_root: str | Path | None, size: tuple[int, int], max_cached: int = 2000) -> None:
+    def __init__(self, dtd_root: str | Path | None, size: tuple[int, int], max_cached: int = 2000,
+                 antialias: bool = False) -> None:
         self.size = tuple(size)
+        self.antialias = bool(antialias)
         self.root = Path(dtd_root).expanduser() if dtd_root else None
         self.paths: list[Path] = []
         if self.root is not None:
@@ -325,82 +344,201 @@ class TextureSource:
         return "dtd" if self.paths else "procedural"
 
     def sample(self, rng: np.random.Generator) -> np.ndarray:
-        """Return one texture as a (3, H, W) float array in [0, 1]."""
+        """Return one texture as an (H, W, 3) ``uint8`` RGB array (the authors augment ``uint8`` images)."""
         if not self.paths:
-            return procedural_texture(self.size, rng)
+            texture = procedural_texture(self.size, rng)
+            return np.clip(np.round(texture.transpose(1, 2, 0) * 255), 0, 255).astype(np.uint8)
         index = int(rng.integers(len(self.paths)))
         hit = self._cache.get(index)
         if hit is None:
             with Image.open(self.paths[index]) as img:
-                img = img.convert("RGB").resize((self.size[1], self.size[0]), Image.BILINEAR)
-                hit = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+                hit = _resize_rgb_or_grey(np.asarray(img.convert("RGB")), self.size, self.antialias)
             if len(self._cache) < self._max_cached:
                 self._cache[index] = hit
         return hit
 
 
 # -- augmentations -------------------------------------------------------------------------------
+#
+# The authors' augmenters are imgaug's (0.4.0), applied to ``uint8`` RGB images. imgaug needs NumPy
+# < 2 and is unmaintained, so each one is written here from imgaug's definition, on ``uint8`` arrays
+# with OpenCV and Pillow as imgaug uses them; tests/test_golden_diffusionad.py compares every one
+# with imgaug's own output at fixed parameters (tests/golden/diffusionad/).
 
-def _photometric_ops(rng: np.random.Generator) -> list:
-    """The pool of random augmentations (torchvision versions of the authors' ten), each ready to apply."""
-    return [
-        lambda x: TF.adjust_gamma(x, float(rng.uniform(0.5, 2.0))),
-        lambda x: TF.adjust_brightness(x, float(rng.uniform(0.8, 1.2))),
-        lambda x: TF.adjust_sharpness(x, float(rng.uniform(0.0, 2.0))),
-        lambda x: TF.adjust_hue(x, float(rng.uniform(-0.2, 0.2))),
-        lambda x: TF.solarize(x, float(rng.uniform(0.125, 0.5))),
-        lambda x: TF.posterize((x * 255).to(torch.uint8), int(rng.integers(1, 8))).float() / 255,
-        lambda x: TF.invert(x),
-        lambda x: TF.autocontrast(x),
-        lambda x: TF.equalize((x * 255).to(torch.uint8)).float() / 255,
-        lambda x: TF.rotate(x, float(rng.uniform(-45, 45))),
-    ]
+def gamma_contrast(image: np.ndarray, gammas: Sequence[float]) -> np.ndarray:
+    """imgaug ``GammaContrast``: per channel ``c`` a table ``int(255 (v / 255) ** gamma_c)`` (float32)."""
+    levels = np.linspace(0, 1.0, num=256, dtype=np.float32)
+    out = np.empty_like(image)
+    for c, gamma in enumerate(gammas):
+        table = np.clip(levels ** np.float32(gamma) * 255, 0, 255).astype(np.uint8)
+        out[..., c] = table[image[..., c]]
+    return out
 
 
-def augment(image: np.ndarray, rng: np.random.Generator, n_ops: int = 3) -> np.ndarray:
-    """Apply ``n_ops`` distinct augmentations, chosen at random, in random order.
+#: imgaug ``WithBrightnessChannels``: colour space -> (OpenCV codes there and back, brightness channel).
+BRIGHTNESS_SPACES = {
+    "YCrCb": (cv2.COLOR_RGB2YCrCb, cv2.COLOR_YCrCb2RGB, 0), "HSV": (cv2.COLOR_RGB2HSV, cv2.COLOR_HSV2RGB, 2),
+    "HLS": (cv2.COLOR_RGB2HLS, cv2.COLOR_HLS2RGB, 1), "Lab": (cv2.COLOR_RGB2Lab, cv2.COLOR_Lab2RGB, 0),
+    "Luv": (cv2.COLOR_RGB2Luv, cv2.COLOR_Luv2RGB, 0), "YUV": (cv2.COLOR_RGB2YUV, cv2.COLOR_YUV2RGB, 0),
+}
+
+
+def multiply_and_add_to_brightness(image: np.ndarray, mul: float, add: float, space: str,
+                                   add_first: bool = False) -> np.ndarray:
+    """imgaug ``MultiplyAndAddToBrightness``: in colour ``space``, the brightness channel is multiplied
+    (table ``int(v * mul)``) and shifted by ``round(add)`` (clipped to [0, 255]), in either order."""
+    to_space, back, channel = BRIGHTNESS_SPACES[space]
+    converted = cv2.cvtColor(np.ascontiguousarray(image), to_space)
+    levels = np.arange(256, dtype=np.float32)
+    mul_table = np.clip(levels * np.float32(mul), 0, 255).astype(np.uint8)
+    add_table = np.clip(np.arange(256, dtype=np.int16) + int(np.clip(np.round(add), -255, 255)), 0, 255).astype(np.uint8)
+    values = converted[..., channel]
+    for table in ((add_table, mul_table) if add_first else (mul_table, add_table)):
+        values = table[values]
+    converted[..., channel] = values
+    return cv2.cvtColor(converted, back)
+
+
+def enhance_sharpness(image: np.ndarray, factor: float) -> np.ndarray:
+    """imgaug ``pillike.EnhanceSharpness`` = Pillow's ``ImageEnhance.Sharpness``."""
+    from PIL import ImageEnhance
+
+    return np.asarray(ImageEnhance.Sharpness(Image.fromarray(image)).enhance(float(factor)))
+
+
+def add_to_hue_and_saturation(image: np.ndarray, hue: int, saturation: int) -> np.ndarray:
+    """imgaug ``AddToHueAndSaturation``: in OpenCV's HSV, hue += ``int(hue / 255 * 180)`` modulo 180 and
+    saturation += ``saturation`` (clipped); ``hue`` and ``saturation`` in [-255, 255]."""
+    hsv = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2HSV)
+    shift = int(np.int32(np.float32(hue) / np.float32(255.0) * np.float32(180)))
+    levels = np.arange(256, dtype=np.int16)
+    hsv[..., 0] = np.mod(levels + shift, 180).astype(np.uint8)[hsv[..., 0]]
+    hsv[..., 1] = np.clip(levels + int(saturation), 0, 255).astype(np.uint8)[hsv[..., 1]]
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
+def solarize(image: np.ndarray, threshold: float) -> np.ndarray:
+    """imgaug ``Solarize`` (an ``Invert`` above a threshold): ``255 - v`` where ``v >= int(threshold)``
+    (imgaug's ``uint8`` table truncates the threshold)."""
+    return np.where(image >= int(threshold), 255 - image, image).astype(np.uint8)
+
+
+def posterize(image: np.ndarray, bits: int) -> np.ndarray:
+    """imgaug ``Posterize``: keep the ``bits`` highest bits (``floor(v / 2**(8-bits)) * 2**(8-bits)``)."""
+    return image & np.uint8((0xFF << (8 - int(bits))) & 0xFF)
+
+
+def invert(image: np.ndarray) -> np.ndarray:
+    """imgaug ``Invert``: ``255 - v``."""
+    return (255 - image).astype(np.uint8)
+
+
+def autocontrast(image: np.ndarray, cutoff: int) -> np.ndarray:
+    """imgaug ``pillike.Autocontrast`` = Pillow's ``ImageOps.autocontrast(cutoff)``."""
+    from PIL import ImageOps
+
+    return np.asarray(ImageOps.autocontrast(Image.fromarray(image), cutoff=int(cutoff)))
+
+
+def equalize(image: np.ndarray) -> np.ndarray:
+    """imgaug ``pillike.Equalize`` = Pillow's ``ImageOps.equalize``."""
+    from PIL import ImageOps
+
+    return np.asarray(ImageOps.equalize(Image.fromarray(image)))
+
+
+def rotate(image: np.ndarray, degrees: float) -> np.ndarray:
+    """imgaug ``Affine(rotate=degrees)``: about the centre ``(W/2 - 0.5, H/2 - 0.5)``, bilinear
+    (``cv2.warpAffine``), black outside."""
+    h, w = image.shape[:2]
+    cx, cy = w / 2.0 - 0.5, h / 2.0 - 0.5
+    angle = np.deg2rad(float(degrees))
+    cos, sin = np.cos(angle), np.sin(angle)
+    matrix = np.array([[cos, -sin, cx - cos * cx + sin * cy], [sin, cos, cy - sin * cx - cos * cy]])
+    return cv2.warpAffine(np.ascontiguousarray(image), matrix, (w, h), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+
+
+#: The authors' ten augmenters (``randAugmenter``), each drawing its parameters as imgaug does.
+CODE_AUGMENTATIONS = {
+    "gamma": lambda x, rng: gamma_contrast(x, rng.uniform(0.5, 2.0, size=x.shape[-1])),
+    "brightness": lambda x, rng: multiply_and_add_to_brightness(
+        x, rng.uniform(0.8, 1.2), rng.uniform(-30, 30), list(BRIGHTNESS_SPACES)[int(rng.integers(6))],
+        add_first=bool(rng.integers(2))),
+    "sharpness": lambda x, rng: enhance_sharpness(x, rng.uniform(0.0, 2.0)),
+    "hue_saturation": lambda x, rng: add_to_hue_and_saturation(x, int(rng.integers(-50, 51)), int(rng.integers(-50, 51))),
+    "solarize": lambda x, rng: solarize(x, rng.uniform(32, 128)) if rng.random() < 0.5 else x,
+    "posterize": lambda x, rng: posterize(x, int(rng.integers(1, 9))),
+    "invert": lambda x, rng: invert(x),
+    "autocontrast": lambda x, rng: autocontrast(x, int(rng.integers(0, 21))),
+    "equalize": lambda x, rng: equalize(x),
+    "rotate": lambda x, rng: rotate(x, rng.uniform(-45, 45)),
+}
+#: The paper's seven ("equalize, sharpness, auto-contrast, solarize, posterize, invert, gamma-contrast").
+PAPER_AUGMENTATIONS = ("equalize", "sharpness", "autocontrast", "solarize", "posterize", "invert", "gamma")
+#: ``augmentation_pool`` values.
+AUGMENTATION_POOLS = {"code": tuple(CODE_AUGMENTATIONS), "paper": PAPER_AUGMENTATIONS}
+
+
+def augment(image: np.ndarray, rng: np.random.Generator, n_ops: int = 3, pool: str = "code") -> np.ndarray:
+    """Apply ``n_ops`` distinct augmentations of ``pool``, drawn without replacement, in the drawn order.
 
     Parameters
     ----------
     image : numpy.ndarray
-        (3, H, W) float in [0, 1].
+        (H, W, 3) ``uint8`` RGB.
     rng : numpy.random.Generator
     n_ops : int
+        3 in the authors' code, 2 in the paper's text.
+    pool : str
+        ``code`` (the authors' ten imgaug augmenters) or ``paper`` (the paper's seven).
 
     Returns
     -------
     numpy.ndarray
-        (3, H, W) float in [0, 1].
+        (H, W, 3) ``uint8``.
     """
-    ops = _photometric_ops(rng)
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).clamp(0, 1)
-    for i in rng.choice(len(ops), size=min(n_ops, len(ops)), replace=False):
-        x = ops[int(i)](x).clamp(0, 1)
-    return x.numpy()
+    names = AUGMENTATION_POOLS[pool]
+    x = np.ascontiguousarray(image, dtype=np.uint8)
+    for i in rng.choice(len(names), size=min(n_ops, len(names)), replace=False):
+        x = np.ascontiguousarray(CODE_AUGMENTATIONS[names[int(i)]](x, rng), dtype=np.uint8)
+    return x
 
 
-def grid_shuffle(image: np.ndarray, rng: np.random.Generator, grid: int = 8) -> np.ndarray:
-    """Cut an image into ``grid`` x ``grid`` cells and put the cells back in random order.
+def grid_shuffle(image: np.ndarray, rng: np.random.Generator, grid: int = 8, mode: str = "strips") -> np.ndarray:
+    """Rearrange an (H, W, C) image on a ``grid`` x ``grid`` grid.
 
-    Parameters
-    ----------
-    image : numpy.ndarray
-        (C, H, W); H and W are cropped to multiples of ``grid`` for the cells, and the uncovered
-        border keeps its pixels.
-    rng : numpy.random.Generator
-    grid : int
-
-    Returns
-    -------
-    numpy.ndarray
+    ``mode="strips"`` is the authors' code: the image is cut into vertical strips ``W // grid``
+    wide (a narrower last one when ``grid`` does not divide ``W``); the even-numbered strips are
+    shuffled among themselves and put first, then the odd-numbered ones, shuffled; then the same
+    with horizontal strips, after one shuffle of all of them. ``mode="cells"`` is the paper's text
+    ("divided into an 8 x 8 grid and randomly rearranged"): the 64 cells in a uniformly random order
+    (a border that the grid does not cover keeps its pixels).
     """
-    c, h, w = image.shape
-    ch, cw = h // grid, w // grid
-    cells = image[:, :ch * grid, :cw * grid].reshape(c, grid, ch, grid, cw).transpose(1, 3, 0, 2, 4).reshape(-1, c, ch, cw)
-    cells = cells[rng.permutation(len(cells))]
-    out = image.copy()
-    out[:, :ch * grid, :cw * grid] = cells.reshape(grid, grid, c, ch, cw).transpose(2, 0, 3, 1, 4).reshape(c, ch * grid, cw * grid)
-    return out
+    if mode == "cells":
+        h, w, c = image.shape
+        ch, cw = h // grid, w // grid
+        cells = image[:ch * grid, :cw * grid].reshape(grid, ch, grid, cw, c).transpose(0, 2, 1, 3, 4).reshape(-1, ch, cw, c)
+        cells = cells[rng.permutation(len(cells))]
+        out = image.copy()
+        out[:ch * grid, :cw * grid] = cells.reshape(grid, grid, ch, cw, c).transpose(0, 2, 1, 3, 4).reshape(
+            ch * grid, cw * grid, c)
+        return out
+    if mode != "strips":
+        raise ValueError(f"grid_shuffle mode must be 'strips' or 'cells', not {mode!r}")
+
+    def shuffled(parts: list) -> list:
+        return [parts[int(i)] for i in rng.permutation(len(parts))]
+
+    def alternate(parts: list, axis: int) -> np.ndarray:
+        return np.concatenate((np.concatenate(shuffled(parts[::2]), axis=axis),
+                               np.concatenate(shuffled(parts[1::2]), axis=axis)), axis=axis)
+
+    h, w = image.shape[:2]
+    step_w, step_h = max(int(w / grid), 1), max(int(h / grid), 1)
+    columns = alternate(np.split(image, range(step_w, w, step_w), axis=1), axis=1)
+    rows = shuffled(np.split(columns, range(step_h, h, step_h), axis=0))
+    return alternate(rows, axis=0)
 
 
 # -- one anomaly ---------------------------------------------------------------------------------
@@ -415,6 +553,8 @@ class SynthesisConfig:
     threshold: float = 0.5
     beta_range: tuple[float, float] = (0.2, 0.8)
     augmentations: int = 3
+    augmentation_pool: str = "code"
+    grid_shuffle: str = "strips"
     self_augment_probability: float = 0.5
     anomaly_probability: float = 0.5
     max_tries: int = 50
@@ -454,9 +594,13 @@ def synthesize_one(image: np.ndarray, foreground: np.ndarray, is_texture: bool, 
         if mask.any():
             break
     if is_texture or rng.random() >= config.self_augment_probability:
-        source = augment(textures.sample(rng), rng, config.augmentations)
+        source = augment(textures.sample(rng), rng, config.augmentations, config.augmentation_pool)
     else:
-        source = grid_shuffle(augment(image, rng, config.augmentations), rng)
+        # The authors augment the uint8 image and shuffle its grid (self-augmentation).
+        own = np.clip(np.round(image.transpose(1, 2, 0) * 255), 0, 255).astype(np.uint8)
+        source = grid_shuffle(augment(own, rng, config.augmentations, config.augmentation_pool), rng,
+                              mode=config.grid_shuffle)
+    source = source.transpose(2, 0, 1).astype(np.float32) / 255.0
     beta = float(rng.uniform(*config.beta_range))
     m = mask[None]
     out = image * (1 - m) + m * ((1 - beta) * source + beta * image)
@@ -594,6 +738,9 @@ class AnomalyTrainingSet(torch.utils.data.Dataset):
 
 
 __all__ = ["perlin_noise", "perlin_cells", "perlin_mask", "otsu_or_whole", "ForegroundMasks", "procedural_texture",
-           "TextureSource", "augment", "grid_shuffle", "SynthesisConfig", "synthesize_one", "EpochBatches",
+           "TextureSource", "augment", "grid_shuffle", "gamma_contrast", "multiply_and_add_to_brightness",
+           "enhance_sharpness", "add_to_hue_and_saturation", "solarize", "posterize", "invert", "autocontrast",
+           "equalize", "rotate", "CODE_AUGMENTATIONS", "PAPER_AUGMENTATIONS", "AUGMENTATION_POOLS",
+           "BRIGHTNESS_SPACES", "SynthesisConfig", "synthesize_one", "EpochBatches",
            "AnomalyTrainingSet", "SynthesisSourceError", "DTD_URL", "FOREGROUND_URL", "FOREGROUND_RULES",
            "ANOMALY_SAMPLING", "TRAIN_SAMPLING"]

@@ -3,7 +3,9 @@
 Facts followed, from the paper and the authors' code (amazon-science/patchcore-inspection,
 ``src/patchcore``); the ``paper`` profile follows the code where the two differ:
 
-- images resized to 256 (bilinear) and centre-cropped to 224 (their MVTec loader, ``--resize 256
+- images resized so that their *shorter side* is 256, the aspect ratio kept (torchvision's
+  ``Resize(256)`` in their loader, bilinear, antialiased: ``resize_mode="shorter_side"``; VisA's
+  1500 x 1000 images become 384 x 256), then centre-cropped to 224 x 224 (``--resize 256
   --imagesize 224``; setting ``center_crop``);
 - features of WideResNet-50-2 ``layer2`` and ``layer3`` (torchvision's ImageNet V1 weights);
 - local aggregation exactly as their ``PatchMaker`` and ``MeanMapper`` do it: every position's
@@ -25,11 +27,16 @@ Facts followed, from the paper and the authors' code (amazon-science/patchcore-i
   = the largest patch score (the code's default, not the paper's re-weighted Eq. 7); anomaly map
   = patch scores upsampled bilinearly to the crop and smoothed with a Gaussian of sigma 4.
 
-The centre crop and the border: the authors crop masks as they crop images, so their metrics
-never see the outer 16 px of the 256-px image. The harness scores every pixel of every image with
-one metric code, so the map outside the crop is filled with the image's lowest score: a defect
-lying only in that border ring counts as missed (pixel metrics, AUPRO), and an image whose only
-defect is there gets the score of its crop. ``center_crop=0`` uses the whole image instead.
+The centre crop and the rest of the image: the authors crop masks as they crop images, so their
+metrics never see what lies outside the 224 x 224 crop (the outer 16 px of a square image, and
+on VisA also the 80 px at either end of the long side). The harness scores every pixel of every
+image with one metric code, so the crop's map is pasted back onto a map of the whole resized
+image (:func:`harness.toolkit.crops.paste_crop`, at the place :func:`~harness.toolkit.crops.
+center_crop_box` took it from), the outside filled with the image's lowest score; the evaluator
+then resizes that full-image map bilinearly to its grid (the harness grid: 256 x 256 over the
+whole image; ``--eval-grid paper``: the authors' crop). A defect lying only outside the crop
+counts as missed (pixel metrics, AUPRO), and an image whose only defect is there gets the score
+of its crop. ``center_crop=0`` uses the whole image instead.
 
 The ``tiny`` profile runs the same code with a randomly initialised WideResNet-50-2 (no weights
 offline) at 128 px without a crop, ``layer1`` + ``layer2`` with 512-d embeddings and a 2 % coreset,
@@ -128,7 +135,9 @@ class PatchCore(Method):
             context.info["memory_bank"] = {"patches": int(bank.shape[0]), "coreset": int(self.bank.shape[0]),
                                            "coreset_ratio": s.coreset_ratio,
                                            "coreset_starting_points": s.coreset_starting_points}
-            context.info["center_crop"] = self._crop_info(train.size)
+            context.info["center_crop"] = self._crop_info(train[0][0].shape[-2:] if len(train) else train.size)
+            context.info["resize"] = {"mode": self.resize_mode, "side": int(self.input_size[0]),
+                                      "interpolation": self.interpolation, "antialias": self.antialias}
             position.extra["info"] = dict(context.info)
 
     def _random_backbone(self, train: TrainSet, seed: int, batch_size: int) -> None:

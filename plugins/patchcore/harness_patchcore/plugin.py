@@ -6,7 +6,7 @@ Importing this module is cheap: the network code (timm) loads when a method is b
 from __future__ import annotations
 
 from harness import MethodSpec, PaperRef, Resources, Setting, WeightFile, hookimpl
-from harness.settings import eval_batch_size, image_size, interpolation, precision
+from harness.settings import antialias, eval_batch_size, image_size, interpolation, precision, resize_mode
 
 PAPER = PaperRef(
     title="Towards Total Recall in Industrial Anomaly Detection",
@@ -16,13 +16,21 @@ PAPER = PaperRef(
 )
 
 SETTINGS = (
-    image_size(256, help="side the runner resizes images to (the authors' --resize 256; see center_crop)"),
+    image_size(256, help="side the runner resizes images to: the shorter side with resize_mode=shorter_side (the "
+                         "authors' --resize 256; see center_crop)"),
+    resize_mode("shorter_side",
+                choice="shorter_side: the authors' loader applies torchvision's Resize(256), which scales the shorter "
+                       "side to 256 and keeps the aspect ratio (VisA's 1.5:1 images become 256 x 384), then "
+                       "CenterCrop(224); square stretches non-square images to 256 x 256 first"),
+    antialias(True, choice="true: the authors resize PIL images with torchvision's Resize (Pillow's filter, "
+                           "antialiased)"),
     Setting("center_crop", int, 224,
             "side of the centre crop the backbone sees (0: none); the map outside it gets the image's lowest score",
             minimum=0,
             choice="224: the authors' code resizes to 256 and centre-crops 224 (--resize 256 --imagesize 224, for "
-                   "images and masks alike). Their metrics never see the 16-px border ring; ours do, so a defect "
-                   "lying only in that ring is scored as normal. 0 feeds the whole image (no border lost)."),
+                   "images and masks alike). Their metrics never see what lies outside the crop; ours do (the "
+                   "map is pasted back on the full resized image), so a defect lying only there is scored as "
+                   "normal. 0 feeds the whole image (nothing lost)."),
     interpolation("bilinear", choice="bilinear: torchvision's Resize in the authors' MVTec loader (its default "
                                      "filter, PIL with antialiasing)"),
     eval_batch_size(8),
@@ -65,6 +73,7 @@ PROFILES = {
     # would cut off a sixth of every side).
     "tiny": {
         "backbone_layers": (1, 2), "backbone_pretrained": False, "image_size": 128, "center_crop": 0,
+        "resize_mode": "square",
         "pretrain_embed_dim": 512, "target_embed_dim": 512, "coreset_ratio": 0.02, "coreset_projection_dim": 32,
         "train_batch_size": 16, "eval_batch_size": 16,
     },
