@@ -1,9 +1,9 @@
 """Golden tests: our DiAD networks, loaded through the converter, against outputs of the authors' code.
 
-``../shared/golden/diad/`` (beside the repository) holds the state_dict of the authors' ``sgn.sgn.DiAD``
-(lewandofskee/DiAD at d2813006, official key names) in a tiny configuration with random, perturbed
-weights, its configuration, fixed inputs and the outputs of the official functions (see its
-README). Each test builds our networks from that configuration (diffusers' own LDM config
+``tests/golden/diad/`` holds the state_dict of the authors' ``sgn.sgn.DiAD`` (lewandofskee/DiAD at
+d2813006, official key names) in a tiny configuration with random, perturbed, float16-exact
+weights (stored in float16), its configuration, fixed inputs and the outputs of the official
+functions, and a reference set of the authors' scoring code (see its README). Each test builds our networks from that configuration (diffusers' own LDM config
 functions), loads the official state through :mod:`harness_diad.convert` and compares with
 atol = rtol = 1e-4 (the DDIM latents, which grow to about 34, relative to their magnitude).
 """
@@ -22,11 +22,7 @@ try:
 except ImportError:  # not installed: import from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "diad"))
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "diad"
-
-pytestmark = pytest.mark.skipif(
-    not (GOLDEN / "diad_state.safetensors").is_file(),
-    reason=f"{GOLDEN} is absent (a clone without ../shared): the golden data made with the authors' code is not here")
+GOLDEN = Path(__file__).resolve().parent / "golden" / "diad"
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -42,7 +38,9 @@ def golden():
     from safetensors.torch import load_file
 
     config = json.loads((GOLDEN / "diad_config.json").read_text())
-    state = load_file(str(GOLDEN / "diad_state.safetensors"))
+    # float16-exact weights stored in float16: their float32 copy is what produced the outputs.
+    state = {k: v.float() if v.dtype == torch.float16 else v
+             for k, v in load_file(str(GOLDEN / "diad_state.safetensors")).items()}
     io = load_file(str(GOLDEN / "diad_io.safetensors"))
     return config, state, io
 
@@ -199,3 +197,56 @@ def test_the_authors_checkpoint_setting_scores_their_model_without_training(gold
     assert [u["path"] for u in context.weights.used] == [str(path)] and len(context.weights.used[0]["sha256"]) == 64
     prediction = model.predict(torch.rand(2, 3, 128, 128), ["alpha", "alpha"])
     assert prediction.anomaly_maps.shape == (2, 128, 128) and torch.isfinite(prediction.image_scores).all()
+
+
+# -- the authors' scoring (test.py: cal_anomaly_map, gaussian_filter, EvalImageMax) ----------------
+
+@pytest.fixture(scope="module")
+def scoring():
+    from safetensors.torch import load_file
+
+    return load_file(str(GOLDEN / "diad_scoring.safetensors"))
+
+
+def _features(scoring, which: str) -> list[torch.Tensor]:
+    return [scoring[f"in.features_{which}.{i}"].float() for i in (1, 2, 3)]
+
+
+def test_scoring_maps_per_layer_and_their_sum(scoring):
+    """1 - cos per layer, upsampled bilinearly (corners aligned) to the input side, summed."""
+    from harness_diad.scoring import feature_distance_map
+
+    f_in, f_out = _features(scoring, "input"), _features(scoring, "recon")
+    for i, (a, b) in enumerate(zip(f_in, f_out), start=1):
+        layer = feature_distance_map([a], [b], (64, 64))
+        torch.testing.assert_close(layer, scoring[f"out.anomaly_map_layer.{i}"], **TOL)
+        assert float(layer.std()) > 1e-3  # the pairs differ: the maps are not flat
+    torch.testing.assert_close(feature_distance_map(f_in, f_out, (64, 64)), scoring["out.anomaly_map_sum"], **TOL)
+
+
+def test_scoring_smoothing_and_pooled_image_score_through_the_method(scoring):
+    """DiAD.anomaly_maps (sigma 5) and the predict rule (8 rounds of 8 x 8 average pooling, then the max)."""
+    from harness.toolkit.scoring import pooled_max
+    from harness_diad.model import DiAD
+    from harness_diad.plugin import harness_methods
+
+    (spec,) = harness_methods()
+    settings = spec.resolve("paper", {"backbone": "resnet18", "backbone_pretrained": False, "sd_pretrained": False,
+                                      "architecture": "tiny", "gradient_checkpointing": False})
+    model = DiAD(settings)
+    queue = [_features(scoring, "input"), _features(scoring, "recon")]
+
+    class Stored(torch.nn.Module):
+        """Stands in for the backbone: gives the stored features of the input, then of the reconstruction."""
+
+        def forward(self, x):
+            return queue.pop(0)
+
+    model.backbone = Stored()
+    pixels = torch.zeros(3, 3, 64, 64)
+    maps = model.anomaly_maps(pixels, model.to_pixels(pixels))
+    assert not queue
+    torch.testing.assert_close(maps, scoring["out.anomaly_map_smoothed"], **TOL)
+    score = pooled_max(maps, settings.pool_kernel, settings.pool_rounds)
+    assert (settings.smoothing_sigma, settings.pool_kernel, settings.pool_rounds) == (5.0, 8, 8)
+    torch.testing.assert_close(score.double(), scoring["out.image_score"], **TOL)
