@@ -267,6 +267,7 @@ def describe_method(spec: Any, profile: str) -> dict[str, Any]:
         "eval_batch_size": method.eval_batch_size, "interpolation": method.interpolation,
         "antialias": method.antialias, "resize_mode": method.resize_mode,
         "networks": networks, "total_parameters": sum(networks.values()), "description": spec.description,
+        "paper_grid": spec.paper_grid(settings).as_dict() if spec.paper_grid is not None else None,
     }
 
 

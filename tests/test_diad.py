@@ -102,7 +102,9 @@ def test_plugin_module_imports_no_heavy_library():
 
 def test_weight_files_are_pinned_and_follow_the_settings():
     paper = {f.key: f for f in SPEC.weight_files(SPEC.resolve("paper"))}
-    assert set(paper) == {"sd15", "backbone", "lpips_vgg16"}
+    assert set(paper) == {"sd15", "ae_init", "backbone", "lpips_vgg16"}
+    # The authors' fine-tuning starts from LDM's kl-f8 archive (their README), not SD's autoencoder.
+    assert paper["ae_init"].url.endswith("/kl-f8.zip") and "kl-f8.zip" in paper["ae_init"].filenames
     sd, backbone = paper["sd15"], paper["backbone"]
     assert sd.filename == "v1-5-pruned.ckpt" and sd.repo_id == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert len(sd.revision) == 40 and len(sd.sha256) == 64
@@ -111,7 +113,9 @@ def test_weight_files_are_pinned_and_follow_the_settings():
     assert paper["lpips_vgg16"].url.endswith("vgg16-397923af.pth")
     assert SPEC.weight_files(SPEC.resolve("tiny")) == []
     folder = SPEC.weight_files(SPEC.resolve("paper", {"sd_path": "/models/sd15", "ae_perceptual_weight": 0.0}))
-    assert [f.key for f in folder] == ["sd15", "backbone"] and folder[0].folder
+    assert [f.key for f in folder] == ["sd15", "ae_init", "backbone"] and folder[0].folder
+    sd_ae = SPEC.weight_files(SPEC.resolve("paper", {"ae_init": "sd15", "ae_perceptual_weight": 0.0}))
+    assert [f.key for f in sd_ae] == ["sd15", "backbone"]
     ema = SPEC.weight_files(SPEC.resolve("paper", {"sd_path": "/m/v1-5-pruned-emaonly.ckpt"}))[0]
     assert not ema.folder and ema.sha256.startswith("cc6cb271")
     authors = SPEC.weight_files(SPEC.resolve("paper", {"authors_checkpoint": "/m/epoch=999.ckpt"}))
@@ -484,3 +488,132 @@ def test_main_job_record_of_diad():
     assert set(record["mean"]) >= {"image_auroc", "pixel_auroc", "pixel_aupro"}
     assert record["method_info"]["sd_init"] == "random" and record["method_info"]["steps"] > 0
     assert record["method_info"]["choices"]["checkpoint_selection"]["value"] == "final"
+
+
+# ---------------------------------------------------------------------------------------------- the authors' autoencoder files
+
+def _lightning_autoencoder_ckpt(path, seed: int = 5):
+    """An autoencoder checkpoint laid out as the authors' mvtecad_fs.ckpt (Lightning 1.5, LDM's AutoencoderKL):
+    the weights under state_dict without the first_stage_model. prefix, the loss module's tensors beside them,
+    and Lightning's bookkeeping (epoch, global step, callbacks, optimiser states, loops)."""
+    import collections
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**TINY.vae)
+    disc = PatchDiscriminator(3, 64, 3)
+    disc.initialise(seed)
+    state = collections.OrderedDict(
+        (k.removeprefix("first_stage_model."), v) for k, v in _ldm_vae_keys(vae.state_dict(), len(TINY.vae["block_out_channels"])).items())
+    state.update({f"loss.discriminator.{k}": v.clone() for k, v in disc.state_dict().items()})
+    state["loss.logvar"] = torch.zeros(())
+    state["loss.perceptual_loss.lin0.model.1.weight"] = torch.rand(1, 64, 1, 1)
+    opt = torch.optim.Adam(vae.parameters(), lr=1.8e-4, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1.8e-4, betas=(0.5, 0.9))
+    checkpoint = {
+        "epoch": 221, "global_step": 50999, "pytorch-lightning_version": "1.5.0", "state_dict": state,
+        "callbacks": {"ModelCheckpoint{'monitor': None, 'mode': 'min', 'every_n_train_steps': 0, 'every_n_epochs': 1, "
+                      "'train_time_interval': None, 'save_on_train_epoch_end': True}": {
+                          "monitor": None, "best_model_score": None, "best_model_path": "", "current_score": None,
+                          "dirpath": "/lightning_logs/version_0/checkpoints", "best_k_models": {},
+                          "kth_best_model_path": "", "kth_value": torch.tensor(float("inf")), "last_model_path": ""}},
+        "optimizer_states": [opt.state_dict(), opt_d.state_dict()], "lr_schedulers": [],
+        "loops": {"fit_loop": {"state_dict": {}, "epoch_loop.state_dict": {"_batches_that_stepped": 50999},
+                               "epoch_progress": {"total": {"ready": 222, "started": 222, "processed": 222,
+                                                            "completed": 221}}}},
+    }
+    torch.save(checkpoint, path)
+    return vae, disc
+
+
+def test_a_lightning_autoencoder_checkpoint_loads_without_running_pickled_code(tmp_path):
+    """The authors' mvtecad_fs.ckpt layout: weights_only=True reads it; the loss tensors are kept apart."""
+    from harness_diad.convert import convert_authors_state, read_checkpoint
+
+    path = tmp_path / "mvtecad_fs.ckpt"
+    vae, disc = _lightning_autoencoder_ckpt(path)
+    converted = convert_authors_state(read_checkpoint(path), TINY)
+    reference = vae.state_dict()
+    assert set(converted.vae) == set(reference)
+    assert all(torch.equal(converted.vae[k].reshape(reference[k].shape), reference[k]) for k in reference)
+    assert converted.loss["discriminator.main.0.weight"].equal(disc.state_dict()["main.0.weight"])
+    assert {"logvar", "perceptual_loss.lin0.model.1.weight"} <= set(converted.loss) and not converted.ignored
+    method, ctx = _fit(micro(ae_init_path=str(path), ae_epochs=0, epochs=0), tmp_path / "fit")
+    assert torch.equal(method.vae.encoder.conv_in.weight, vae.encoder.conv_in.weight)
+    assert ctx.info["ae_init"] == str(path) and ctx.info["ae_init_loss_tensors"] == len(converted.loss)
+    assert [u["key"] for u in ctx.weights.used] == ["ae_init"]
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    """A pickled object with a reduce hook (what an attacker plants) is never executed."""
+    import collections
+
+    marker = tmp_path / "ran"
+
+    class Planted:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state_dict": collections.OrderedDict(w=torch.zeros(1)), "hyper_parameters": Planted()},
+               tmp_path / "planted.ckpt")
+    from harness_diad.convert import read_checkpoint
+
+    with pytest.raises(WeightsNotFoundError, match="cannot be read"):
+        read_checkpoint(tmp_path / "planted.ckpt")
+    assert not marker.exists()
+
+
+def test_kl_f8_archive_is_read_through_its_model_ckpt(tmp_path):
+    """LDM's kl-f8.zip as the authors download it: the model.ckpt inside is extracted once and read."""
+    import zipfile
+
+    from harness_diad.convert import convert_authors_state, read_checkpoint
+
+    inner = tmp_path / "model.ckpt"
+    vae, _ = _lightning_autoencoder_ckpt(inner, seed=6)
+    with zipfile.ZipFile(tmp_path / "kl-f8.zip", "w") as archive:
+        archive.write(inner, "model.ckpt")
+    inner.unlink()
+    converted = convert_authors_state(read_checkpoint(tmp_path / "kl-f8.zip"), TINY)
+    assert torch.equal(converted.vae["encoder.conv_in.weight"], vae.state_dict()["encoder.conv_in.weight"])
+    assert (tmp_path / "kl-f8.model.ckpt").is_file()
+
+
+@pytest.mark.parametrize("disc_init", ["checkpoint", "fresh"])
+def test_the_discriminator_starts_from_the_checkpoint_and_lpips_drops_out(tmp_path, monkeypatch, disc_init):
+    """kl-f8 loaded non-strictly fills the authors' loss module: the discriminator starts trained; LPIPS in train mode."""
+    import harness_diad.model as model_module
+
+    path = tmp_path / "kl-f8.ckpt"
+    _, disc = _lightning_autoencoder_ckpt(path, seed=7)
+    seen = {}
+
+    def recording_lpips(self, context):
+        # LPIPS with random trunk and heads (no VGG-16 file here), recording its mode when it runs.
+        module = model_module.lpips_vgg(None, pretrained_heads=False)
+        module.register_forward_pre_hook(lambda m, _: seen.setdefault("lpips_training", m.training) and None)
+        return module
+
+    first = {}
+    original_forward = PatchDiscriminator.forward
+
+    def recording_forward(self, images):
+        first.setdefault("main.0.weight", self.main[0].weight.detach().clone())
+        return original_forward(self, images)
+
+    monkeypatch.setattr(model_module.DiAD, "_lpips", recording_lpips)
+    monkeypatch.setattr(PatchDiscriminator, "forward", recording_forward)
+    settings = micro(ae_init_path=str(path), ae_epochs=1, epochs=0, ae_disc_start=0, ae_perceptual_weight=1.0,
+                     ae_disc_init=disc_init)
+    method, ctx = _fit(settings, tmp_path / "fit", random_weights=False)
+    del method
+    assert seen["lpips_training"] is True and ctx.info["ae_lpips_mode"] == "train"
+    from_file = torch.equal(first["main.0.weight"], disc.state_dict()["main.0.weight"])
+    assert from_file is (disc_init == "checkpoint")
+    assert ("trained discriminator" in ctx.info["ae_discriminator_start"]) is (disc_init == "checkpoint")
+
+
+def test_paper_profile_names_the_kl_f8_autoencoder():
+    paper = SPEC.resolve("paper")
+    assert (paper.ae_init, paper.ae_disc_init, paper.ae_lpips_mode) == ("kl-f8", "checkpoint", "train")
+    choices = open_choices(SPEC.schema, paper)
+    assert "kl-f8" in choices["ae_init"]["why"] and choices["ae_lpips_mode"]["value"] == "train"

@@ -18,14 +18,19 @@ holds:
 ``betas``, ``alphas_cumprod``...  the noise schedule: compared with ours, not loaded
 ================================  ===================================================================
 
-``model_ema.*`` (LDM's EMA copies; the authors read the non-EMA weights) and ``loss.*`` (the
-autoencoder's training loss: LPIPS and discriminator) are ignored; any other key is an error, so
-nothing is dropped silently. The same converter reads Stable Diffusion's own
+``model_ema.*`` (LDM's EMA copies; the authors read the non-EMA weights) is ignored; ``loss.*``
+(the autoencoder's training loss: LPIPS, the patch discriminator, the log-variance) is kept apart
+(:attr:`AuthorsState.loss`, prefix removed): the fine-tuning starts its discriminator from it,
+as the authors' non-strict load does. Any other key is an error, so nothing is dropped silently. The same converter reads Stable Diffusion's own
 ``v1-5-pruned.ckpt`` (no ``control_model``), LDM autoencoder checkpoints (``kl-f8``'s
 ``model.ckpt``, the authors' ``mvtecad_fs.ckpt``: keys without the ``first_stage_model.`` prefix)
 and the authors' trained checkpoints; every network is then loaded with ``strict=True``.
 Files are read with diffusers' ``load_single_file_checkpoint`` (safetensors, or
-``torch.load(weights_only=True)``, which runs no code).
+``torch.load(weights_only=True)``, which runs no code: a Lightning ``.ckpt`` such as the authors'
+``mvtecad_fs.ckpt`` holds its weights under ``state_dict`` beside plain values, epoch, global
+step, callback and optimiser states, and loads so; a file that needs any other class to unpickle
+is refused). LDM's ``kl-f8.zip`` (the archive the authors download) is read through the
+``.ckpt`` inside it, extracted next to the archive once.
 """
 
 from __future__ import annotations
@@ -50,7 +55,9 @@ SCHEDULE_KEYS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_
                  "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
                  "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "scale_factor")
 #: Prefixes that are not networks DiAD runs.
-IGNORED_PREFIXES = ("model_ema.", "loss.", "cond_stage_model.transformer.text_model.embeddings.position_ids",
+#: The autoencoder's training loss in an LDM checkpoint (kept apart, see :attr:`AuthorsState.loss`).
+LOSS_PREFIX = "loss."
+IGNORED_PREFIXES = ("model_ema.", "cond_stage_model.transformer.text_model.embeddings.position_ids",
                     "cond_stage_model.transformer.embeddings.position_ids")
 _SFF_KEY = re.compile(r"^down([1-9])([1-9])\.0\.weight$")
 _AE_KEYS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
@@ -72,7 +79,10 @@ class AuthorsState:
     schedule : dict
         LDM's schedule buffers as found (float64 NumPy).
     ignored : list of str
-        Keys deliberately not used (EMA copies, training losses).
+        Keys deliberately not used (EMA copies).
+    loss : dict
+        The autoencoder loss's tensors (``loss.`` removed: ``discriminator.*``,
+        ``perceptual_loss.*``, ``logvar``); empty when the checkpoint has none.
     """
 
     unet: dict | None = None
@@ -82,6 +92,33 @@ class AuthorsState:
     text_encoder: dict | None = None
     schedule: dict[str, np.ndarray] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
+    loss: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _unzipped(path: Path) -> Path:
+    """The ``.ckpt`` inside an archive such as LDM's ``kl-f8.zip`` (extracted beside it once), or ``path``.
+
+    A ``torch.save`` file is itself a zip; it is recognised by its ``data.pkl`` entry and returned as is.
+    """
+    import zipfile
+
+    if path.suffix.lower() != ".zip" or not zipfile.is_zipfile(path):
+        return path
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        if any(n.endswith("data.pkl") for n in names):
+            return path
+        members = [n for n in names if n.lower().endswith((".ckpt", ".safetensors", ".pt", ".pth"))]
+        if len(members) != 1:
+            raise ConversionError(f"{path}: expected one checkpoint inside the archive, found {members or names[:5]}")
+        target = path.with_name(f"{path.stem}.{Path(members[0]).name}")
+        if not target.is_file() or target.stat().st_size != archive.getinfo(members[0]).file_size:
+            partial = target.with_name(target.name + ".part")
+            with archive.open(members[0]) as source, open(partial, "wb") as sink:
+                while chunk := source.read(1 << 24):
+                    sink.write(chunk)
+            partial.replace(target)
+        return target
 
 
 def read_checkpoint(path: Path | str) -> dict[str, torch.Tensor]:
@@ -89,7 +126,7 @@ def read_checkpoint(path: Path | str) -> dict[str, torch.Tensor]:
     from diffusers.loaders.single_file_utils import load_single_file_checkpoint
 
     try:
-        state = load_single_file_checkpoint(str(path), local_files_only=True)
+        state = load_single_file_checkpoint(str(_unzipped(Path(path))), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - unpickling refusals, truncated files: all mean "not readable"
         raise ConversionError(f"{path} cannot be read as a checkpoint ({type(exc).__name__}: {exc})") from exc
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -139,8 +176,9 @@ def convert_authors_state(state: Mapping[str, torch.Tensor], arch: Architecture)
     for part in (out.unet, out.controlnet, out.sff, out.vae, out.text_encoder):
         if part:
             used |= _storages(part)
+    out.loss = {k[len(LOSS_PREFIX):]: v for k, v in state.items() if k.startswith(LOSS_PREFIX)}
     for key, value in state.items():
-        if key in SCHEDULE_KEYS:
+        if key in SCHEDULE_KEYS or key.startswith(LOSS_PREFIX):
             continue
         if key.startswith(IGNORED_PREFIXES) or (key.startswith(CLIP_PREFIX) and "position_ids" in key):
             out.ignored.append(key)

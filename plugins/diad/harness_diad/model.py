@@ -1,8 +1,11 @@
 """DiAD as a harness method: autoencoder fine-tuning, SG-guided latent diffusion, feature scoring.
 
 Fit (two stages, as the paper and the authors' scripts)
-    1. Autoencoder (``finetune_autoencoder.py``): the KL autoencoder is fine-tuned on the
-       training images with LDM's ``LPIPSWithDiscriminator`` loss (:mod:`harness_diad.losses`:
+    1. Autoencoder (``finetune_autoencoder.py``): the KL autoencoder starts from LDM's ``kl-f8``
+       file (``ae_init``; the discriminator from its ``loss.discriminator.*`` tensors when it has
+       them, ``ae_disc_init``) and is fine-tuned on the
+       training images with LDM's ``LPIPSWithDiscriminator`` loss (LPIPS in train mode, its
+       dropout active, as Lightning leaves it: ``ae_lpips_mode``) (:mod:`harness_diad.losses`:
        L1 + LPIPS-VGG, KL weight 1e-6, and from optimiser step 50 001 on the hinge-loss patch
        discriminator with the adaptive weight, disc_weight 0.5), Adam (betas 0.5, 0.9) at
        ``4.5e-5 x batch`` with batch 4 and gradient accumulation 8, in fp32 (Lightning
@@ -43,11 +46,13 @@ Pixel space
     data loader normalises ``jpg`` and ``hint`` alike) and compare the decoded output with the
     input in that space; ``pixel_normalization="imagenet"`` does this, ``"symmetric"`` uses SD's
     own [-1, 1] range.
-The authors' models
+Files in the authors' formats
     ``authors_checkpoint`` names a checkpoint written by their code (``train.py``'s
-    ``epoch=...ckpt`` or ``build_model.py``'s ``diad.ckpt``): it is converted by
-    :mod:`harness_diad.convert` and used as it is, without training, so their model is scored by
-    the harness's metrics.
+    ``epoch=...ckpt`` or ``build_model.py``'s ``diad.ckpt``; the authors publish no trained DiAD,
+    only fine-tuned autoencoders): it is converted by :mod:`harness_diad.convert` and used as it
+    is, without training, so such a model is scored by the harness's metrics. ``ae_init_path``
+    reads an autoencoder in the LDM layout, e.g. their published ``mvtecad_fs.ckpt`` (a Lightning
+    checkpoint, read without running pickled code).
 """
 
 from __future__ import annotations
@@ -224,11 +229,17 @@ class DiAD(Method):
                 self.vae.load_state_dict(_seeded(seed, lambda: AutoencoderKL(**self.arch.vae)).state_dict())
                 text = random_text_encoder(self.arch, seed)
                 info["sd_init"] = "random"
-            if s.ae_init_path and not random:
-                path = context.weights.resolve(weightfiles.ae_init_file(s), s)
+            self._ae_loss_state = {}
+            ae_file = weightfiles.ae_init_file(s)
+            if ae_file is not None and not random and (s.ae_init_path or s.sd_pretrained):
+                path = context.weights.resolve(ae_file, s)
                 converted = convert_authors_state(read_checkpoint(path), self.arch)
                 load_strict(self.vae, converted.vae, f"{path} (autoencoder)")
-                info["ae_init"] = str(path)
+                # The authors' strict=False load also fills their loss module (discriminator, LPIPS, logvar).
+                self._ae_loss_state = converted.loss
+                info.update({"ae_init": str(path), "ae_init_loss_tensors": len(converted.loss)})
+            else:
+                info["ae_init"] = "the SD autoencoder above" if not random else "random"
             # The authors' build_model.py: the SG copy starts from SD's encoder; the rest is new.
             self.sg.reset_new_parts(seed)
             self.sg.copy_unet_encoder(self.unet)
@@ -292,8 +303,17 @@ class DiAD(Method):
         if epochs <= 0:
             return {"ae_epochs": 0}
         perceptual = self._lpips(context)
+        if perceptual is not None and s.ae_lpips_mode == "train":
+            # Lightning's train mode reaches the loss module: LPIPS's dropout is active (parameters stay frozen).
+            perceptual.train()
         disc = PatchDiscriminator(3, 64, s.ae_disc_layers)
         disc.initialise(context.seed + 11)
+        disc_start = "fresh (taming's initialisation)"
+        stored = {k.removeprefix("discriminator."): v for k, v in getattr(self, "_ae_loss_state", {}).items()
+                  if k.startswith("discriminator.")}
+        if s.ae_disc_init == "checkpoint" and stored:
+            load_strict(disc, stored, "the starting autoencoder file's loss.discriminator.* tensors")
+            disc_start = "the starting autoencoder file's trained discriminator (loss.discriminator.*)"
         disc.to(self.device).train()
         self.vae.train().requires_grad_(True)
         opt = torch.optim.Adam(self.vae.parameters(), lr=s.ae_lr, betas=(0.5, 0.9))
@@ -358,7 +378,8 @@ class DiAD(Method):
                                   final_loss=position.extra.get("final_loss", last))
         self.vae.eval().requires_grad_(False)
         extra = position.extra
-        return {"ae_epochs": epochs, "ae_steps": int(extra.get("steps", position.steps)),
+        return {"ae_epochs": epochs, "ae_discriminator_start": disc_start, "ae_lpips_mode": s.ae_lpips_mode,
+                "ae_steps": int(extra.get("steps", position.steps)),
                 "ae_adversarial_steps": int(extra.get("adversarial_steps", 0)), "ae_disc_start": s.ae_disc_start,
                 "ae_final_loss": round(float(extra.get("final_loss", float("nan"))), 4)}
 

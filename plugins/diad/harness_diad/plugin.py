@@ -11,8 +11,9 @@ Profiles
     SG network (ControlNet copy of the UNet encoder and middle block, 361.3 M, plus the SFF block,
     110.6 M: 471.9 M as Table 11 counts it) and the KL-f8 autoencoder (83.65 M), initialised from
     ``v1-5-pruned.ckpt``; T = 1000 with SD's betas 0.00085-0.012 ("linear" in LDM); autoencoder
-    fine-tuning with the authors' ``finetune_autoencoder.py`` (LPIPS + patch discriminator from
-    step 50 001), then the denoiser with AdamW 1e-5, batch 12, gradient accumulation 4, 1000
+    fine-tuning with the authors' ``finetune_autoencoder.py``, starting from LDM's ``kl-f8``
+    file as theirs (its discriminator too, when the file has one; LPIPS in train mode, its dropout
+    active, as under Lightning; LPIPS + patch discriminator from step 50 001), then the denoiser with AdamW 1e-5, batch 12, gradient accumulation 4, 1000
     epochs, fp32, gradient checkpointing as their ``use_checkpoint``; DDIM with 10 steps, the
     latent noised to 999; timm ``resnet50.a1_in1k`` stages f2-f4, Gaussian sigma 5, 8 rounds of
     8 x 8 average pooling. Where paper and code differ, the code is followed and the other reading
@@ -32,7 +33,7 @@ Profiles
 
 from __future__ import annotations
 
-from harness import MethodSpec, PaperRef, Resources, Setting, hookimpl
+from harness import EvalGrid, MethodSpec, PaperRef, Resources, Setting, hookimpl
 from harness.settings import eval_batch_size, image_size, interpolation, precision
 from harness_diad.weightfiles import weight_files
 
@@ -55,8 +56,8 @@ SETTINGS = (
             choice="default v1-5-pruned.ckpt, the file the authors' build_model.py reads (non-EMA weights); a "
                    "diffusers folder holds the EMA weights"),
     Setting("authors_checkpoint", str, "",
-            "a checkpoint written by the authors' code (train.py's epoch=*.ckpt): converted, loaded and scored "
-            "without training; empty = train"),
+            "a checkpoint written by the authors' code (train.py's epoch=*.ckpt; none is published): converted, "
+            "loaded and scored without training; empty = train"),
     Setting("T", int, 1000, "diffusion steps of the noise schedule", minimum=1),
     Setting("beta_start", float, 0.00085, "first beta of the schedule", minimum=0.0),
     Setting("beta_end", float, 0.012, "last beta of the schedule", minimum=0.0),
@@ -83,10 +84,23 @@ SETTINGS = (
             choice="timm resnet50.a1_in1k: what the authors' timm 0.8 create_model('resnet50', pretrained=True) loads"),
     Setting("backbone_weights_file", str, "", "explicit path of the backbone weights (optional)"),
     Setting("lpips_vgg_file", str, "", "explicit path of torchvision's VGG-16 weights for the LPIPS term (optional)"),
-    Setting("ae_init_path", str, "", "an LDM-layout autoencoder to start fine-tuning from (LDM's kl-f8 model.ckpt, "
-            "or the authors' mvtecad_fs.ckpt with ae_epochs=0); empty = SD v1.5's",
-            choice="the authors download LDM's kl-f8 autoencoder, the one SD v1 was trained with and ships frozen; by "
-                   "default SD v1.5's copy of it is used"),
+    Setting("ae_init", str, "kl-f8", "the autoencoder the fine-tuning starts from: 'kl-f8' (LDM's kl-f8.zip "
+            "model.ckpt, pinned) or 'sd15' (SD v1.5's copy of it)", choices=("kl-f8", "sd15"),
+            choice="kl-f8: the authors' README and finetune_autoencoder.py start from LDM's kl-f8 file, loaded "
+                   "non-strictly (its loss.* tensors, the trained discriminator among them, come along when present); "
+                   "sd15 uses the autoencoder SD v1.5 ships"),
+    Setting("ae_init_path", str, "", "an explicit LDM-layout autoencoder file to start fine-tuning from instead (e.g. "
+            "kl-f8.zip's model.ckpt elsewhere, or the authors' published mvtecad_fs.ckpt with ae_epochs=0)"),
+    Setting("ae_disc_init", str, "checkpoint", "the patch discriminator's start: 'checkpoint' (the starting file's "
+            "loss.discriminator.* tensors when it has them, else fresh) or 'fresh' (taming's initialisation)",
+            choices=("checkpoint", "fresh"),
+            choice="checkpoint: the authors' load_state_dict(strict=False) of kl-f8 fills their loss module, the "
+                   "discriminator included; fresh: a new discriminator"),
+    Setting("ae_lpips_mode", str, "train", "LPIPS of the autoencoder loss in 'train' mode (dropout 0.5 before its "
+            "linear heads active, as Lightning's train mode leaves it) or 'eval' (no dropout)",
+            choices=("train", "eval"),
+            choice="train: Lightning puts the whole module, the loss's LPIPS included, in train mode during the "
+                   "authors' fine-tuning, so LPIPS's dropout is active; eval is LPIPS as a fixed metric"),
     Setting("ae_epochs", int, 1000, "autoencoder fine-tuning epochs (0 = no fine-tuning)", minimum=0,
             choice="finetune_autoencoder.py sets no max_epochs: Lightning 1.5's default of 1000"),
     Setting("ae_train_batch_size", int, 4, "autoencoder fine-tuning batch", minimum=1),
@@ -129,7 +143,7 @@ PROFILES = {
         "gradient_checkpointing": False, "backbone": "resnet18", "backbone_pretrained": False,
         "start_step": 301, "noise_to_first_ddim_step": True,
         "ae_epochs": 15, "ae_train_batch_size": 8, "ae_grad_accumulation": 1, "ae_lr": 2e-3,
-        "ae_perceptual_weight": 0.0,
+        "ae_perceptual_weight": 0.0, "ae_init": "sd15",
         "epochs": 15, "train_batch_size": 12, "grad_accumulation": 1, "lr": 1e-3,
         "smoothing_sigma": 0.6, "pool_kernel": 2, "pool_rounds": 8,
     },
@@ -149,6 +163,14 @@ RESOURCES = {
 }
 
 
+def paper_grid(settings) -> EvalGrid:
+    """The pixel grid of the authors' test.py (``--eval-grid paper``)."""
+    return EvalGrid(name="paper", size=int(settings.image_size), mask_interpolation="bilinear", mask_antialias=True,
+                    mask_binarize="nonzero",
+                    note="the authors' MVTecDataset: transforms.Resize((256, 256)) on the PIL mask (bilinear, "
+                         "antialiased), ToTensor; their eval_helper sets every mask value > 0 to 1; maps at 256")
+
+
 def build(settings):
     """The factory: DiAD's architecture (no weights are read; works on the meta device)."""
     from harness_diad.model import DiAD
@@ -162,6 +184,7 @@ def harness_methods():
     return [MethodSpec(
         name="diad", paper=PAPER, protocols=("multiclass", "oneclass", "fewshot"), profiles=PROFILES,
         factory=build, settings=SETTINGS, paper_protocol="multiclass", resources=RESOURCES, weights=weight_files,
+        paper_grid=paper_grid,
         description="Stable Diffusion v1.5 latent denoiser with a Semantic-Guided ControlNet-style copy of its "
                     "encoder and the SFF block; the input is noised to T and reconstructed by 10 DDIM steps "
                     "guided by the image; anomaly = ResNet-50 feature distance (f2-f4) to the reconstruction, "

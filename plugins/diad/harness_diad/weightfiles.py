@@ -17,8 +17,15 @@
   the fit checks. The LPIPS linear heads ship with the ``lpips`` package: its
   ``weights/v0.1/vgg.pth`` is byte-identical to the authors' ``taming/.../lpips/vgg.pth``
   (md5 ``d507d7349b931f0638a25a48a722f98a``, the hash taming itself checks).
-- Optional, named by settings: the authors' trained DiAD checkpoint (``authors_checkpoint``) and
-  an autoencoder in the LDM layout to start fine-tuning from (``ae_init_path``).
+- **LDM's kl-f8 autoencoder**, where the authors' fine-tuning starts (their README:
+  ``kl-f8.zip`` from the latent-diffusion release, its ``model.ckpt`` moved to
+  ``models/autoencoders.ckpt``, loaded non-strictly, so its ``loss.*`` tensors, the trained
+  discriminator among them, come along when present). Pinned by its URL; the archive or the
+  extracted checkpoint is accepted; its sha256 is not published and is recorded for every job.
+- Optional, named by settings: a checkpoint written by the authors' code (``authors_checkpoint``:
+  nobody has published a trained DiAD) and an autoencoder in the LDM layout to start
+  fine-tuning from instead of kl-f8 (``ae_init_path``, e.g. the authors' published
+  ``mvtecad_fs.ckpt``, a Lightning checkpoint of their fine-tuning).
 """
 
 from __future__ import annotations
@@ -58,6 +65,13 @@ RESNET50_A1 = WeightFile(
     sha256="773525d5821de224f8f30c33377b7a795d7863e08522698200d3217d3f2a41bb", setting="backbone_weights_file",
     # torchvision's ResNet-50 V1 / V2 files: other weights than the authors'.
     refuse=("resnet50-19c8e357.pth", "resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth"),
+)
+
+KL_F8 = WeightFile(
+    key="ae_init", what="LDM's kl-f8 autoencoder (kl-f8.zip of the latent-diffusion release, the model.ckpt the authors' "
+                        "finetune_autoencoder.py starts from)",
+    filenames=("kl-f8.zip", "autoencoders.ckpt", "kl-f8.ckpt"),
+    url="https://ommer-lab.com/files/latent-diffusion/kl-f8.zip", setting="ae_init_path",
 )
 
 VGG16 = WeightFile(
@@ -106,10 +120,14 @@ def authors_file(settings: Mapping[str, Any]) -> WeightFile:
                        "authors_checkpoint", settings)
 
 
-def ae_init_file(settings: Mapping[str, Any]) -> WeightFile:
-    """The LDM-layout autoencoder named by ``ae_init_path``."""
-    return _named_file("ae_init", "autoencoder checkpoint in the LDM layout (e.g. LDM's kl-f8 model.ckpt or the "
-                       "authors' mvtecad_fs.ckpt)", "ae_init_path", settings)
+def ae_init_file(settings: Mapping[str, Any]) -> WeightFile | None:
+    """The LDM-layout autoencoder the fine-tuning starts from: ``ae_init_path``, else kl-f8 (``ae_init``), else None."""
+    if settings.get("ae_init_path"):
+        return _named_file("ae_init", "autoencoder checkpoint in the LDM layout (e.g. LDM's kl-f8 model.ckpt or the "
+                           "authors' mvtecad_fs.ckpt)", "ae_init_path", settings)
+    if settings.get("ae_init", "kl-f8") == "kl-f8":
+        return KL_F8
+    return None
 
 
 def uses_lpips(settings: Mapping[str, Any]) -> bool:
@@ -126,7 +144,8 @@ def weight_files(settings: Mapping[str, Any]) -> list[WeightFile]:
     else:
         if settings.get("sd_pretrained"):
             files.append(sd_file(settings))
-        if settings.get("ae_init_path"):
+        # kl-f8 replaces SD's pretrained autoencoder; an explicit ae_init_path is read in any case.
+        if settings.get("ae_init_path") or (settings.get("sd_pretrained") and ae_init_file(settings) is not None):
             files.append(ae_init_file(settings))
         if uses_lpips(settings):
             files.append(VGG16)
@@ -135,5 +154,5 @@ def weight_files(settings: Mapping[str, Any]) -> list[WeightFile]:
     return files
 
 
-__all__ = ["SD15_SINGLE_FILE", "RESNET50_A1", "VGG16", "VGG16_SHA256_PREFIX", "SD_REPO", "SD_REVISION",
+__all__ = ["SD15_SINGLE_FILE", "RESNET50_A1", "KL_F8", "VGG16", "VGG16_SHA256_PREFIX", "SD_REPO", "SD_REVISION",
            "SD_FILE_SHA256", "sd_file", "backbone_file", "authors_file", "ae_init_file", "uses_lpips", "weight_files"]

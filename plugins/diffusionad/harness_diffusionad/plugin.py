@@ -34,7 +34,7 @@ with their code) and skips training; that file is then the only one the job decl
 
 from __future__ import annotations
 
-from harness import MethodSpec, PaperRef, Resources, Setting, WeightFile, hookimpl
+from harness import EvalGrid, MethodSpec, PaperRef, Resources, Setting, WeightFile, hookimpl
 from harness.settings import antialias, eval_batch_size, image_size, interpolation, precision
 
 PAPER = PaperRef(
@@ -226,6 +226,14 @@ def weight_files(settings):
                        setting="official_checkpoints", folder=True)]
 
 
+def paper_grid(settings) -> EvalGrid:
+    """The pixel grid of the authors' eval.py (``--eval-grid paper``)."""
+    return EvalGrid(name="paper", size=int(settings.image_size), mask_interpolation="bilinear", mask_antialias=False,
+                    mask_binarize="truncate",
+                    note="the authors' eval.py: the mask cv2.resize'd (bilinear) to the input size, divided by 255 and "
+                         "cast to int, so only pixels that stay 255 are defects; maps at the input size")
+
+
 def build(settings):
     """The factory: builds DiffusionAD's two networks (no file is read)."""
     from harness_diffusionad.model import DiffusionAD
@@ -239,6 +247,7 @@ def harness_methods():
     return [MethodSpec(
         name="diffusionad", paper=PAPER, protocols=("multiclass", "oneclass", "fewshot"), profiles=PROFILES,
         factory=build, settings=SETTINGS, paper_protocol="oneclass", resources=RESOURCES, weights=weight_files,
+        paper_grid=paper_grid,
         description="Pixel-space DDPM UNet and a segmentation U-Net trained jointly on Perlin-noise synthetic "
                     "anomalies (DTD textures); norm-guided one-step denoising at two noise levels, segmentation of "
                     "(query, reconstruction), image score = mean of the top 50 map values. No pretrained weights.",

@@ -34,7 +34,7 @@ Profiles
 
 from __future__ import annotations
 
-from harness import MethodSpec, PaperRef, Resources, Setting, WeightFile, hookimpl
+from harness import EvalGrid, MethodSpec, PaperRef, Resources, Setting, WeightFile, hookimpl
 from harness.settings import eval_batch_size, image_size, interpolation, precision
 
 PAPER = PaperRef(
@@ -177,6 +177,13 @@ def weight_files(settings) -> list[WeightFile]:
                        setting="backbone_weights_file")]
 
 
+def paper_grid(settings) -> EvalGrid:
+    """UniAD's pixel grid, which LafitE says it follows (``--eval-grid paper``)."""
+    return EvalGrid(name="paper", size=int(settings.image_size), mask_interpolation="nearest", mask_binarize="nonzero",
+                    note="UniAD's TestBaseTransform: the mask resized to 224 x 224 by nearest neighbour; its "
+                         "eval_helper counts values > 0; maps at 224 (the harness grid upsamples them to 256)")
+
+
 def build(settings):
     """The factory: builds LafitE's architecture (no weights are read)."""
     from harness_lafite.model import LafitE
@@ -189,7 +196,7 @@ def harness_methods():
     """Return the LafitE method spec."""
     return [MethodSpec(
         name="lafite", paper=PAPER, protocols=("multiclass", "oneclass", "fewshot"), profiles=PROFILES,
-        factory=build, settings=SETTINGS, paper_protocol="multiclass", weights=weight_files,
+        factory=build, settings=SETTINGS, paper_protocol="multiclass", weights=weight_files, paper_grid=paper_grid,
         resources={"paper": Resources(gpus=1, cpus=4, memory_gb=32), "tiny": Resources(cpus=1)},
         description="Diffusion model over aggregated EfficientNet-b4 features; query features edited with a "
                     "coreset memory bank (weighted K nearest neighbours), noised to step tau and denoised by "

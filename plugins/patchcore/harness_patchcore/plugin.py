@@ -5,7 +5,7 @@ Importing this module is cheap: the network code (timm) loads when a method is b
 
 from __future__ import annotations
 
-from harness import MethodSpec, PaperRef, Resources, Setting, WeightFile, hookimpl
+from harness import EvalGrid, MethodSpec, PaperRef, Resources, Setting, WeightFile, hookimpl
 from harness.settings import antialias, eval_batch_size, image_size, interpolation, precision, resize_mode
 
 PAPER = PaperRef(
@@ -104,6 +104,16 @@ def weight_files(settings):
                        setting="backbone_weights_file")]
 
 
+def paper_grid(settings) -> EvalGrid:
+    """The pixel grid of the authors' code (``--eval-grid paper``): their crop, their mask rule."""
+    return EvalGrid(name="paper", size=int(settings.image_size), resize_mode=settings.resize_mode,
+                    crop=int(settings.center_crop), mask_interpolation="bilinear", mask_antialias=True,
+                    mask_binarize="truncate",
+                    note="the authors' MVTecDataset: Resize(256) and CenterCrop(224) on the PIL mask (bilinear, "
+                         "antialiased), ToTensor; their metrics cast masks to int (only pixels that stay 255 are "
+                         "defects); only the crop is scored, at 224 x 224")
+
+
 def build(settings):
     """The factory: builds PatchCore's architecture (no weights are read)."""
     from harness_patchcore.model import PatchCore
@@ -116,7 +126,7 @@ def harness_methods():
     """PatchCore."""
     return [MethodSpec(
         name="patchcore", paper=PAPER, protocols=("multiclass", "fewshot", "oneclass"), profiles=PROFILES,
-        factory=build, settings=SETTINGS, paper_protocol="oneclass", weights=weight_files,
+        factory=build, settings=SETTINGS, paper_protocol="oneclass", weights=weight_files, paper_grid=paper_grid,
         resources={"paper": Resources(gpus=1, cpus=4, memory_gb=16), "tiny": Resources(cpus=1)},
         description="Memory bank of pretrained WideResNet-50 patch features reduced by a greedy coreset; "
                     "anomaly = distance to the nearest normal patch.",
