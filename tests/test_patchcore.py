@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from toy_plugins import load_toy
 
-from harness import TrainSet, WeightsNotFoundError
+from harness import Sample, TrainSet, WeightsNotFoundError
 from harness.data import ImageCache, read_image, resize_image, to_tensor
 from harness.testing import check_method, fit_context
 from harness.weights import WeightsResolver, verify
@@ -255,3 +255,34 @@ def test_v2_weights_are_refused_by_name_and_by_sha256(tmp_path):
     ok = WeightsResolver(weights)
     assert ok.resolve(WRN50_V1, {}) == renamed
     assert ok.used[0]["sha256"] == digest
+
+
+def test_non_square_images_keep_their_aspect_and_the_map_covers_the_whole_image(tmp_path):
+    """The authors' Resize(256) + CenterCrop(224) on a 2:3 image: 256 x 384, crop in the middle, map pasted back."""
+    settings = _settings(center_crop=48, train_batch_size=4, resize_mode="shorter_side")
+    rng = np.random.default_rng(0)
+    samples = [Sample(f"c/train/good/{i}", "c", "train", 0, "good",
+                      image=lambda a=(rng.random((40, 60, 3)) * 255).astype(np.uint8): a) for i in range(4)]
+    method = PatchCore(settings)
+    train = TrainSet("wide", samples, method.input_size, ImageCache(), **method.resize_rule())
+    assert tuple(train[0][0].shape) == (3, SIZE, 96)  # shorter side 64, aspect 2:3 kept
+    context = fit_context(settings, tmp_path)
+    method.fit(train, context)
+    method.eval()
+    assert context.info["center_crop"]["image"] == [SIZE, 96] and context.info["resize"]["mode"] == "shorter_side"
+    images = torch.stack([train[i][0] for i in range(2)])
+    maps = method.predict(images, ["c", "c"]).anomaly_maps
+    assert maps.shape == (2, SIZE, 96)
+    # The crop is centred (torchvision's rounding): rows 8..56, columns 24..72; outside, the lowest score.
+    inside = maps[:, 8:56, 24:72]
+    outside = maps.clone()
+    outside[:, 8:56, 24:72] = float("nan")
+    ring = outside.flatten(1)
+    ring = ring[~torch.isnan(ring)].reshape(2, -1)
+    assert torch.equal(ring, inside.flatten(1).amin(1)[:, None].expand_as(ring))
+
+
+def test_paper_profile_resizes_the_shorter_side():
+    paper = SPEC.resolve("paper")
+    assert paper.resize_mode == "shorter_side" and paper.antialias is True and paper.center_crop == 224
+    assert SPEC.resolve("tiny").resize_mode == "square"
