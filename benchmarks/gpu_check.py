@@ -72,7 +72,7 @@ def _train_set(method: Any, batch: int) -> Any:
     index = load_registry().dataset("synthetic").loader(None, None)
     per_category = max(2, -(-batch // len(index.categories)))
     samples = [s for c in index.categories.values() for s in c.train[:per_category]]
-    return TrainSet("synthetic", samples, method.input_size, ImageCache(), method.interpolation), index
+    return TrainSet("synthetic", samples, method.input_size, ImageCache(), **method.resize_rule()), index
 
 
 def _reset_peak(device: torch.device) -> None:
