@@ -1,8 +1,8 @@
 """Golden tests: our DiAD networks, loaded through the converter, against outputs of the authors' code.
 
 ``tests/golden/diad/`` holds the state_dict of the authors' ``sgn.sgn.DiAD`` (lewandofskee/DiAD at
-d2813006, official key names) in a tiny configuration with random, perturbed, float16-exact
-weights (stored in float16), its configuration, fixed inputs and the outputs of the official
+d2813006, official key names) in a tiny configuration with random, perturbed weights (stored as
+int8 codes with a float32 scale per tensor, their product exactly the weights used), its configuration, fixed inputs and the outputs of the official
 functions, and a reference set of the authors' scoring code (see its README). Each test builds our networks from that configuration (diffusers' own LDM config
 functions), loads the official state through :mod:`harness_diad.convert` and compares with
 atol = rtol = 1e-4 (the DDIM latents, which grow to about 34, relative to their magnitude).
@@ -38,11 +38,19 @@ def golden():
     from safetensors.torch import load_file
 
     config = json.loads((GOLDEN / "diad_config.json").read_text())
-    # float16-exact weights stored in float16: their float32 copy is what produced the outputs.
-    state = {k: v.float() if v.dtype == torch.float16 else v
-             for k, v in load_file(str(GOLDEN / "diad_state.safetensors")).items()}
+    state = official_state()
     io = load_file(str(GOLDEN / "diad_io.safetensors"))
     return config, state, io
+
+
+def official_state() -> dict[str, torch.Tensor]:
+    """The official state_dict: int8 codes times their float32 scale, exactly the weights that made the outputs."""
+    from safetensors import safe_open
+
+    with safe_open(str(GOLDEN / "diad_state.safetensors"), framework="pt") as handle:
+        scales = json.loads(handle.metadata()["int8_scales"])
+        return {k: (handle.get_tensor(k).float() * torch.tensor(scales[k], dtype=torch.float32) if k in scales
+                    else handle.get_tensor(k)) for k in handle.keys()}
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +187,13 @@ def test_the_authors_checkpoint_setting_scores_their_model_without_training(gold
     from harness_diad.model import DiAD
     from harness_diad.plugin import harness_methods
 
+    from safetensors.torch import save_file
+
     config, state, _ = golden
     (spec,) = harness_methods()
-    path = GOLDEN / "diad_state.safetensors"
+    # A checkpoint file of the official layout, as the authors' code writes its state_dict.
+    path = tmp_path / "diad.safetensors"
+    save_file(state, str(path))
     settings = spec.resolve("paper", {"authors_checkpoint": str(path), "backbone": "resnet18",
                                       "backbone_pretrained": False, "image_size": 128, "eval_batch_size": 4})
     assert [f.key for f in spec.weight_files(settings)] == ["authors_checkpoint"]
@@ -189,7 +201,7 @@ def test_the_authors_checkpoint_setting_scores_their_model_without_training(gold
     # 128 px: the latent's last level is 2 x 2 (Instance Norm in the SFF block needs more than one value).
     index = tiny_dataset(128, n_train=2, n_test=2)
     samples = [s for c in index.categories.values() for s in c.train]
-    context = fit_context(settings, tmp_path)
+    context = fit_context(settings, tmp_path / "fit")
     model.fit(TrainSet(index.name, samples, model.input_size, ImageCache(), model.interpolation), context)
     assert context.info["init"] == "authors_checkpoint" and "ae_steps" not in context.info
     assert torch.equal(model.unet.conv_in.weight, state["model.diffusion_model.input_blocks.0.0.weight"])
