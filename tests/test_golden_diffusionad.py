@@ -146,7 +146,7 @@ def test_predict_runs_the_official_evaluation_path(golden, method):
     assert method.settings.levels == (200, 400)  # eval_normal_t / eval_noisier_t of args1.json
 
 
-def test_released_checkpoint_layout_loads_with_weights_only(golden, tmp_path):
+def test_a_train_py_checkpoint_layout_loads_with_weights_only(golden, tmp_path):
     """A ``params-best.pt`` as the authors' ``train.py`` saves it (args as a defaultdict) loads and scores."""
     from harness.testing import fit_context
     from harness.data import ImageCache, TrainSet
