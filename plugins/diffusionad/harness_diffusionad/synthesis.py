@@ -9,7 +9,7 @@ A synthetic anomaly is made in four steps, following the authors' data code
      download): ``<root>/<category>/DISthresh/good/<stem>.png`` for an object image (made with
      DIS), and for a texture a mask drawn at random from ``<root>/carpet/thresh/*.png`` (the
      authors use carpet's masks for every texture category, DAGM's included); masks are resized
-     bilinearly and kept soft (values in [0, 1]), as theirs;
+     bilinearly (``cv2.resize``, as theirs, unless ``antialias``) and kept soft (values in [0, 1]);
    - otherwise textures use the whole image and objects the Otsu foreground of
      :func:`harness.toolkit.foreground.object_foreground` (``foreground="auto"`` falls back to
      the whole image when that split is lopsided: more than 20 % of the border or less than 5 %
