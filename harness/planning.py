@@ -144,8 +144,9 @@ class Plan:
             units = ", ".join(f"{u.name} ({len(u.train)} train)" for u in planned.units)
             lines.append(f"    fits: {units}")
             eval_size = planned.eval_size or "native"
-            lines.append(f"    evaluation size: {eval_size} ({planned.eval_size_source}; {planned.grid.name} grid); "
-                         "resources: "
+            source = planned.eval_size_source
+            where = source if source == "paper grid" else f"{source}; {planned.grid.name} grid"
+            lines.append(f"    evaluation size: {eval_size} ({where}); resources: "
                          + ", ".join(f"{k}={v:g}" for k, v in planned.resources.as_dict().items()))
             if planned.differences:
                 lines.append("    settings changed from the profile: "
