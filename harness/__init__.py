@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.2.0"
 
-from harness.data import CategoryData, DatasetIndex, Sample, TrainSet, read_image, read_mask  # noqa: E402
+from harness.data import CategoryData, DatasetIndex, MaskChannel, Sample, TrainSet, read_image, read_mask  # noqa: E402
 from harness.errors import DatasetError, HarnessError, MethodOutputError, WeightsNotFoundError  # noqa: E402
 from harness.hookspecs import hookimpl  # noqa: E402
 from harness.method import FitContext, Method, Prediction  # noqa: E402
@@ -21,7 +21,7 @@ from harness.specs import (DatasetSpec, EvalGrid, ExecutorSpec, MethodSpec, Metr
 
 __all__ = [
     "__version__", "hookimpl", "Method", "Prediction", "FitContext", "MethodSpec", "DatasetSpec", "MetricSpec",
-    "ExecutorSpec", "EvalGrid", "PaperRef", "Resources", "WeightFile", "Setting", "Settings", "SettingsSchema", "Sample",
+    "ExecutorSpec", "EvalGrid", "PaperRef", "Resources", "WeightFile", "Setting", "Settings", "SettingsSchema", "Sample", "MaskChannel",
     "CategoryData", "DatasetIndex", "TrainSet", "read_image", "read_mask", "DatasetError", "HarnessError",
     "MethodOutputError", "WeightsNotFoundError",
 ]

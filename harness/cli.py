@@ -83,6 +83,22 @@ def _method_overrides(registry: Any, methods: Sequence[str], texts: Mapping[str,
     return typed, notes
 
 
+def _run_data_options(items: Sequence[str], datasets: Sequence[str]) -> dict[str, str]:
+    """``--data-option KEY=VALUE`` pairs of a run; each key must be an option of one of its datasets."""
+    from harness.data import parse_data_options
+    from harness.registry import load_registry
+
+    options = parse_data_options(items)
+    if options:
+        registry = load_registry()
+        declared = {k for d in datasets for k in registry.dataset(d).options}
+        unknown = [k for k in options if k not in declared]
+        if unknown:
+            raise UsageError(f"--data-option {', '.join(unknown)}: no dataset of this run takes it "
+                             f"(their options: {', '.join(sorted(declared)) or 'none'})")
+    return options
+
+
 def _data_roots(items: Sequence[str], datasets: Sequence[str]) -> dict[str, Path]:
     roots: dict[str, Path] = {}
     for item in items:
@@ -160,7 +176,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = RunOptions(
         results_dir=Path(args.results_dir), cache_dir=Path(args.cache_dir), device=args.device, eval_size=eval_size,
         eval_size_source="option" if args.eval_size else "default", eval_grid=args.eval_grid,
-        data_roots=_data_roots(args.data_root, datasets), force=args.force, fit_cache=not args.no_fit_cache,
+        data_roots=_data_roots(args.data_root, datasets), data_options=_run_data_options(args.data_option, datasets),
+        force=args.force, fit_cache=not args.no_fit_cache,
         weights_dir=Path(args.weights_dir) if args.weights_dir else None, progress=False if args.no_progress else None,
         fast_dev_run=args.fast_dev_run, weights=args.weights, checkpoint_interval=args.checkpoint_interval,
         executor=args.executor, save_maps=args.save_maps, job_gpus=args.job_gpus, job_cpus=args.job_cpus,
@@ -429,9 +446,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError("--protocol fewshot needs --shots K (the shots the maps were made with)")
     maps_dir = Path(args.maps)
     categories = _split(args.categories) or None
-    index = spec.loader(root, categories)
+    from harness.data import load_index, parse_data_options
+
+    index = load_index(spec, root, categories, parse_data_options(args.data_option))
     eval_size = None if args.eval_size == "native" else int(args.eval_size)
-    evaluation = evaluate_maps(maps_dir, index, categories, eval_size)
+    evaluation = evaluate_maps(maps_dir, index, categories, eval_size, groups=spec.groups)
     for path in evaluation.extra_files[:20]:
         print(f"warning: {path} matches no test image of {args.dataset}; ignored", file=sys.stderr)
     if len(evaluation.extra_files) > 20:
@@ -471,7 +490,9 @@ def cmd_data_summary(args: argparse.Namespace) -> int:
     if root is None and spec.needs_root:
         raise UsageError(f"dataset {args.dataset!r} needs --root PATH")
     categories = _split(getattr(args, "categories", None)) or None
-    index = spec.loader(root, categories)
+    from harness.data import load_index, parse_data_options
+
+    index = load_index(spec, root, categories, parse_data_options(getattr(args, "data_option", None)))
     summary = summarize(index, spec.official_counts, check=not getattr(args, "no_check", False))
     summary["dataset"] = args.dataset
     if args.format == "json":
@@ -534,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
                      help="override one setting of the profile, parsed by its declared type (the record key changes)")
     run.add_argument("--data-root", action="append", default=[], metavar="[NAME=]PATH", help="dataset folder")
+    run.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="a dataset loader's option, e.g. resolution=512 for realiad (harness list shows them)")
     run.add_argument("--results-dir", default="results", help="where records are written (default: results)")
     run.add_argument("--cache-dir", default=".harness-cache", help="where finished fits are cached")
     run.add_argument("--weights-dir", default=None, help="folder with pretrained weights (or $HARNESS_WEIGHTS)")
@@ -593,6 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--maps", required=True, help="folder of maps: <category>/test/<defect>/<stem>.tiff|.npy")
     evaluate.add_argument("--dataset", required=True, help="dataset whose test ground truth scores the maps")
     evaluate.add_argument("--root", default=None, help="the dataset's folder")
+    evaluate.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
+                          help="a dataset loader's option, e.g. split=sv for realiad")
     evaluate.add_argument("--name", default=None, help="method name in the record (default: the maps folder's name)")
     evaluate.add_argument("--protocol", default="multiclass", choices=["multiclass", "fewshot", "oneclass"],
                           help="protocol the maps were made under (default multiclass)")
@@ -654,6 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
     summary = data_sub.add_parser("summary", help="what the loader finds in a dataset folder")
     summary.add_argument("--dataset", required=True)
     summary.add_argument("--root", default=None)
+    summary.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
+                         help="a dataset loader's option, e.g. resolution=512 for realiad")
     summary.add_argument("--format", default="table", choices=["table", "json"])
     summary.set_defaults(func=cmd_data_summary)
     return parser

@@ -67,6 +67,27 @@ class Sample:
     defect: str
     image: ImageSource = field(repr=False, compare=False)
     mask: ImageSource | None = field(default=None, repr=False, compare=False)
+    #: Ground truth kept as separate masks (MVTec LOCO AD: one file per annotated defect, which may
+    #: overlap); ``mask`` is then their union. Metrics that score each defect on its own (sPRO)
+    #: read these; empty for datasets with one mask per image.
+    channels: tuple["MaskChannel", ...] = field(default=(), repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class MaskChannel:
+    """One annotated defect of an image, as its own mask, with the saturation rule of its type.
+
+    Attributes
+    ----------
+    source : ImageSource
+        The mask file: one positive pixel value (the defect type's) on zeros.
+    saturation : mapping of int to (float, bool)
+        The category's defect types by pixel value: ``(saturation_threshold,
+        relative_saturation)`` from the dataset's ``defects_config.json``.
+    """
+
+    source: ImageSource
+    saturation: Mapping[int, tuple[float, bool]] = field(default_factory=dict, compare=False)
 
 
 @dataclass
@@ -76,6 +97,12 @@ class CategoryData:
     name: str
     train: list[Sample]
     test: list[Sample]
+    #: Normal images set aside by the dataset's authors for choosing thresholds and settings
+    #: (MVTec AD 2, MVTec LOCO AD); never trained on, never scored.
+    validation: list[Sample] = field(default_factory=list)
+    #: Test images without public ground truth (MVTec AD 2's private sets): predicted and exported
+    #: for the authors' evaluation server, never scored here.
+    unscored: list[Sample] = field(default_factory=list)
 
     @property
     def has_masks(self) -> bool:
@@ -434,3 +461,43 @@ class TrainSet(torch.utils.data.Dataset):
         for i, s in enumerate(self.samples):
             out[s.category].append(i)
         return out
+
+
+def load_index(spec: Any, root: Any, categories: Sequence[str] | None = None,
+               options: Mapping[str, str] | None = None) -> DatasetIndex:
+    """Index a dataset through its spec's loader, with the loader options given on the command line.
+
+    Parameters
+    ----------
+    spec : DatasetSpec
+    root : path or None
+    categories : sequence of str, optional
+    options : mapping of str to str, optional
+        ``--data-option KEY=VALUE`` pairs; each key must be one of ``spec.options``.
+
+    Returns
+    -------
+    DatasetIndex
+
+    Raises
+    ------
+    DatasetError
+        When an option is not one the dataset declares (the message lists those it takes).
+    """
+    options = dict(options or {})
+    unknown = [k for k in options if k not in spec.options]
+    if unknown:
+        takes = ", ".join(f"{k} ({h})" for k, h in spec.options.items()) or "none"
+        raise DatasetError(f"dataset {spec.name!r} takes no --data-option {', '.join(unknown)}; its options: {takes}")
+    return spec.loader(root, categories, **options) if options else spec.loader(root, categories)
+
+
+def parse_data_options(items: Sequence[str] | None) -> dict[str, str]:
+    """``["KEY=VALUE", ...]`` (repeated ``--data-option``) as a dict; a malformed item is a DatasetError."""
+    out: dict[str, str] = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise DatasetError(f"--data-option {item!r}: expected KEY=VALUE, e.g. --data-option resolution=512")
+        out[name.strip()] = value.strip()
+    return out

@@ -17,7 +17,7 @@ from PIL import Image
 from harness.data import CategoryData, DatasetIndex, ImageSource, Sample
 
 #: Count fields compared with the published ones, in table order.
-COUNT_FIELDS = ("train", "test_normal", "test_anomalous")
+COUNT_FIELDS = ("train", "test_normal", "test_anomalous", "validation")
 
 #: Bytes at the end of a JPEG searched for its end-of-image marker (some writers pad after it).
 _JPEG_TAIL = 64
@@ -50,7 +50,11 @@ def category_counts(cat: CategoryData) -> dict[str, int]:
     return {"train": len(cat.train),
             "test_normal": sum(s.label == 0 for s in cat.test),
             "test_anomalous": sum(s.label == 1 for s in cat.test),
-            "masks": sum(s.mask is not None for s in cat.test)}
+            "masks": sum(s.mask is not None for s in cat.test),
+            # Only datasets that have them (MVTec AD 2, MVTec LOCO AD) show these two.
+            **({"validation": len(cat.validation)} if cat.validation else {}),
+            **({"test_unscored": len(cat.unscored)} if cat.unscored else {}),
+            **({"mask_channels": sum(len(s.channels) for s in cat.test)} if any(s.channels for s in cat.test) else {})}
 
 
 def _looks_truncated(path: Path) -> bool:
@@ -209,10 +213,10 @@ def compare_official(category: str, counts: Mapping[str, int], official: Mapping
     """
     if not official:
         return []
-    diffs = [f"{f} {counts[f]} (official {official[f]})" for f in COUNT_FIELDS if f in official and counts[f] != official[f]]
+    diffs = [f"{f} {counts.get(f, 0)} (official {official[f]})" for f in COUNT_FIELDS if f in official and counts.get(f, 0) != official[f]]
     if not diffs:
         return []
-    hint = " partial download?" if any(counts[f] < official[f] for f in COUNT_FIELDS if f in official) else ""
+    hint = " partial download?" if any(counts.get(f, 0) < official[f] for f in COUNT_FIELDS if f in official) else ""
     return [f"{category}: {', '.join(diffs)};{hint or ' extra files?'}"]
 
 
@@ -242,7 +246,7 @@ def summarize(index: DatasetIndex, official_counts: Mapping[str, Mapping[str, in
     problems = list(index.problems)
     for name, cat in index.categories.items():
         counts = category_counts(cat)
-        samples: Sequence[Sample] = [*cat.train, *cat.test]
+        samples: Sequence[Sample] = [*cat.train, *cat.test, *cat.validation, *cat.unscored]
         if check:
             sizes, found = check_files(samples)
             problems += found
@@ -276,7 +280,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     rows = []
     for row in summary["categories"]:
         official = row["official"]
-        ref = "/".join(str(official[f]) for f in COUNT_FIELDS) if official else "-"
+        ref = "/".join(str(official[f]) for f in COUNT_FIELDS if f in official) if official else "-"
         rows.append([row["category"], row["train"], row["test_normal"], row["test_anomalous"], row["masks"],
                      ", ".join(row["image_sizes"]), ref])
     totals = ["total", *(sum(r[i] for r in rows) for i in range(1, 5)), "", ""]

@@ -75,6 +75,8 @@ class RunOptions:
     eval_size_source: str = "option"
     eval_grid: str = "harness"
     data_roots: Mapping[str, Path] = field(default_factory=dict)
+    #: ``--data-option KEY=VALUE``: loader options, given to each dataset that declares the key.
+    data_options: Mapping[str, str] = field(default_factory=dict)
     force: bool = False
     fit_cache: bool = True
     weights_dir: Path | None = None

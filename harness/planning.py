@@ -277,7 +277,10 @@ class Planner:
             if root is None and spec.needs_root:
                 raise UsageError(f"dataset {name!r} needs its folder: pass --data-root PATH "
                                  f"(or --data-root {name}=PATH when running several datasets)")
-            self.indexes[name] = spec.loader(root, None)
+            from harness.data import load_index
+
+            options = {k: v for k, v in self.options.data_options.items() if k in spec.options}
+            self.indexes[name] = load_index(spec, root, None, options)
         return self.indexes[name]
 
     def plan_job(self, job: Job) -> PlannedJob:
