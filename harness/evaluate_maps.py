@@ -30,7 +30,7 @@ import datetime as _dt
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -185,7 +185,7 @@ def find_extra_files(maps_dir: Path, categories: Iterable[str], expected: set[Pa
 
 
 def evaluate_maps(maps_dir: Path, index: DatasetIndex, categories: Sequence[str] | None = None,
-                  eval_size: int | None = None) -> MapsEvaluation:
+                  eval_size: int | None = None, groups: Mapping[str, Sequence[str]] | None = None) -> MapsEvaluation:
     """Score the maps under ``maps_dir`` against ``index``'s test ground truth, per category.
 
     Parameters
@@ -198,6 +198,12 @@ def evaluate_maps(maps_dir: Path, index: DatasetIndex, categories: Sequence[str]
         Categories to score (default: every category with test images).
     eval_size : int, optional
         Resize maps and masks to this square size; default: the masks' own size.
+    groups : mapping of str to sequence of str, optional
+        Reporting groups (``DatasetSpec.groups``): image AUROC of each group's defect folders
+        with all normal images, as ``image_auroc_<group>``.
+
+    A category whose samples carry mask channels (MVTec LOCO AD) also gets the sPRO metrics of
+    :func:`harness.metrics.spro.spro_metrics`, computed from the same maps.
 
     Returns
     -------
@@ -210,6 +216,7 @@ def evaluate_maps(maps_dir: Path, index: DatasetIndex, categories: Sequence[str]
         than their mask's.
     """
     from harness.metrics import MetricAccumulator
+    from harness.metrics.spro import SproAccumulator, read_channel, spro_metrics
 
     maps_dir = Path(maps_dir)
     if not maps_dir.is_dir():
@@ -247,6 +254,8 @@ def evaluate_maps(maps_dir: Path, index: DatasetIndex, categories: Sequence[str]
             if unlisted:
                 raise MapError(f"{maps_dir / category / IMAGE_SCORES_FILE} has no score for {len(unlisted)} test "
                                f"image(s): {', '.join(unlisted[:5])}")
+        spro = SproAccumulator() if any(s.channels for s, _ in pairs) else None
+        image_scores: list[float] = []
         for start in range(0, len(pairs), _BATCH):
             batch = pairs[start:start + _BATCH]
             maps, masks = [], []
@@ -254,15 +263,37 @@ def evaluate_maps(maps_dir: Path, index: DatasetIndex, categories: Sequence[str]
                 amap, mask = _ground_truth(sample, read_map(path), path, eval_size)
                 maps.append(amap)
                 masks.append(mask)
+                if spro is not None:
+                    try:
+                        channels = [read_channel(c.source, c.saturation, amap.shape) for c in sample.channels]
+                        spro.update(amap, channels, part=sample.defect if sample.label else "good")
+                    except ValueError as exc:
+                        raise MapError(f"{path}: {exc}") from exc
             scores = None if own is None else [own[s.key.partition("/")[2]] for s, _ in batch]
+            image_scores += scores if scores is not None else [float(np.max(m)) for m in maps]
             try:
                 accumulator.update(maps, masks, image_scores=scores, labels=[s.label for s, _ in batch],
                                    names=[str(p) for _, p in batch])
             except ValueError as exc:
                 raise MapError(str(exc)) from exc
         result.metrics[category] = accumulator.compute()
+        if spro is not None:
+            result.metrics[category].update(spro_metrics(spro))
+        result.metrics[category].update(group_image_auroc([s for s, _ in pairs], image_scores, groups or {}))
         result.n_maps += len(pairs)
     return result
+
+
+def group_image_auroc(samples: Sequence[Sample], scores: Sequence[float],
+                      groups: Mapping[str, Sequence[str]]) -> dict[str, float]:
+    """``image_auroc_<group>``: each group's anomalous images against all normal ones (exact AUROC)."""
+    from harness.metrics import auroc
+
+    out = {}
+    for group, defects in groups.items():
+        keep = [i for i, s in enumerate(samples) if s.label == 0 or s.defect in defects]
+        out[f"image_auroc_{group}"] = auroc(np.asarray(scores)[keep], np.array([samples[i].label for i in keep]))
+    return out
 
 
 def evaluation_record(evaluation: MapsEvaluation, *, name: str, dataset: str, protocol: str, shots: int | None,
@@ -309,10 +340,14 @@ def format_table(metrics: dict[str, dict[str, float]]) -> str:
     def pct(value: float | None) -> str:
         return "—" if value is None or value != value else f"{100 * value:.2f}"
 
-    rows = [[c] + [pct(v.get(m)) for m in METRIC_NAMES] + [""] for c, v in metrics.items()]
+    # Dataset-specific metrics (sPRO, per-group AUROC) follow the seven, in the order computed.
+    extra = list(dict.fromkeys(m for v in metrics.values() for m in v if m not in METRIC_NAMES))
+    rows = [[c] + [pct(v.get(m)) for m in METRIC_NAMES] + [""] + [pct(v.get(m)) for m in extra]
+            for c, v in metrics.items()]
     mean = mean_over_categories(metrics)
-    rows.append(["**mean**"] + [pct(mean.get(m)) for m in METRIC_NAMES] + [pct(mean.get("mad"))])
-    headers = ["category"] + [METRIC_LABELS[m] for m in METRIC_NAMES] + [METRIC_LABELS["mad"]]
+    rows.append(["**mean**"] + [pct(mean.get(m)) for m in METRIC_NAMES] + [pct(mean.get("mad"))]
+                + [pct(mean.get(m)) for m in extra])
+    headers = ["category"] + [METRIC_LABELS[m] for m in METRIC_NAMES] + [METRIC_LABELS["mad"]] + extra
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
