@@ -22,7 +22,7 @@ The grid (:class:`harness.EvalGrid`, ``--eval-grid``)
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -209,8 +209,40 @@ class Evaluator:
             self.timer.latency(lambda: method.predict(image, [sample.category]))
         self._warmed = True
 
-    def evaluate(self, method: Method, tests: dict[str, Sequence[Sample]], label: str = "") -> dict[str, dict[str, float]]:
-        """Metrics per category of ``tests`` (``{category: samples}``) for a fitted ``method``."""
+    def predict_unscored(self, method: Method, samples: Sequence[Sample]) -> Iterator[tuple[Sample, np.ndarray, float]]:
+        """Predict images outside the scored test set (validation, private test sets), untimed.
+
+        Yields each sample with its checked map, at the method's output size, and its image
+        score; nothing reaches the metrics or the map sinks.
+        """
+        with torch.no_grad():
+            for start in range(0, len(samples), method.eval_batch_size):
+                for batch, images in self._groups(method, list(samples[start:start + method.eval_batch_size])):
+                    maps, scores = check_prediction(method.predict(images, [s.category for s in batch]), batch)
+                    yield from zip(batch, maps, (float(v) for v in scores))
+
+    def on_grid(self, sample: Sample, amap: np.ndarray) -> np.ndarray:
+        """A map of ``sample`` on the evaluation grid (as the test maps are scored)."""
+        if self.grid.name == "harness":
+            return resize_map(amap, ground_truth(sample, self.eval_size, self.grid).shape)
+        return grid_map(amap, native_size(sample), self.grid)
+
+    def validation_threshold(self, method: Method, samples: Sequence[Sample]) -> float | None:
+        """mean + 3 std of the validation maps' pixel scores on the evaluation grid (:mod:`harness.metrics.segf1`)."""
+        from harness.metrics.segf1 import RunningMoments
+
+        moments = RunningMoments()
+        for sample, amap, _ in self.predict_unscored(method, samples):
+            moments.update(self.on_grid(sample, amap))
+        return moments.threshold()
+
+    def evaluate(self, method: Method, tests: dict[str, Sequence[Sample]], label: str = "",
+                 thresholds: dict[str, float | None] | None = None) -> dict[str, dict[str, float]]:
+        """Metrics per category of ``tests`` (``{category: samples}``) for a fitted ``method``.
+
+        ``thresholds`` (``{category: t}``, from :meth:`validation_threshold`) reach threshold
+        metrics as ``CategoryScores.validation_threshold``.
+        """
         out: dict[str, dict[str, float]] = {}
         total = sum(len(s) for s in tests.values())
         with torch.no_grad(), self.progress.bar(total=total, desc=f"{label} test".strip(), unit="img") as bar:
@@ -220,6 +252,7 @@ class Evaluator:
                 if not self._warmed:
                     self.warm_up(method, samples[0])
                 scores = self.score_category(method, category, samples, bar)
+                scores.validation_threshold = (thresholds or {}).get(category)
                 out[category] = {m.name: float(m.compute(scores)) for m in self.metrics}
         return out
 
@@ -259,7 +292,7 @@ class Evaluator:
         return CategoryScores(
             image_scores=np.concatenate(image_scores), labels=np.array([s.label for s in samples]),
             maps=np.stack(maps) if self.keep_maps else None, masks=np.stack(masks) if self.keep_maps else None,
-            name=category, keys=[s.key for s in samples], standard=standard,
+            name=category, keys=[s.key for s in samples], standard=standard, samples=list(samples),
         )
 
     def efficiency(self) -> dict[str, Any]:

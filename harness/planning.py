@@ -83,6 +83,10 @@ class PlannedJob:
     eval_size_source: str
     notes: list[str] = field(default_factory=list)
     eval_grid: EvalGrid | None = None
+    #: Per category, the normal validation images (threshold choice; MVTec AD 2, MVTec LOCO AD).
+    validation: dict[str, list[Sample]] = field(default_factory=dict)
+    #: Per category, test images without public ground truth: predicted and written, never scored.
+    unscored: dict[str, list[Sample]] = field(default_factory=dict)
 
     @property
     def grid(self) -> EvalGrid:
@@ -318,7 +322,11 @@ class Planner:
         return PlannedJob(job=job, spec=spec, dataset=dataset, settings=settings,
                           differences=spec.schema.differences(settings, spec.profiles[job.profile]), units=units,
                           tests=tests, record_path=path, status=_record_status(path), weights=weights, resources=resources,
-                          eval_size=eval_size, eval_size_source=source, notes=notes, eval_grid=grid)
+                          eval_size=eval_size, eval_size_source=source, notes=notes, eval_grid=grid,
+                          validation={c: list(index.categories[c].validation) for c in tests
+                                      if index.categories[c].validation},
+                          unscored={c: list(index.categories[c].unscored) for c in tests
+                                    if index.categories[c].unscored and not job.dev_run})
 
     def plan(self, jobs: Sequence[Job]) -> Plan:
         """Plan every job; the first usage error raises."""

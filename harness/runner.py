@@ -206,6 +206,8 @@ class JobRunner:
         return JobOutcome(job, record.status, path, data, message)
 
     def _execute(self, planned: PlannedJob, record: Record, weights: WeightsResolver) -> None:
+        from harness.metrics.segf1 import THRESHOLD_METRICS
+
         phase = "build"
         metrics = self.registry.metric_specs(planned.job.dataset)
         sinks: list[MapSink] = list(self.sinks(planned)) if self.sinks is not None else []
@@ -226,7 +228,16 @@ class JobRunner:
                 phase = "predict"
                 method.eval()
                 tests = {c: planned.tests[c] for c in unit.test_categories}
-                record.metrics.update(evaluator.evaluate(method, tests, planned.job.method))
+                # Thresholds from validation normals only (MVTec AD 2's SegF1), before any test image.
+                wanted = planned.unscored or any(m.name in THRESHOLD_METRICS for m in metrics)
+                thresholds = {c: evaluator.validation_threshold(method, planned.validation[c])
+                              for c in unit.test_categories if c in planned.validation and wanted}
+                record.metrics.update(evaluator.evaluate(method, tests, planned.job.method, thresholds))
+                unscored = {c: planned.unscored[c] for c in unit.test_categories if c in planned.unscored}
+                if unscored:
+                    from harness.unscored import write_unscored
+
+                    record.artifacts.update(write_unscored(evaluator, method, unscored, thresholds, planned.record_path))
                 del method
             record.efficiency.update(evaluator.efficiency())
             for sink in sinks:

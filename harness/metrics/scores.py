@@ -36,6 +36,8 @@ class CategoryScores:
         Sample keys, used to name the image in error messages.
     standard : mapping of str to float, optional
         The seven standard metrics, already computed (e.g. while streaming).
+    samples : sequence of Sample, optional
+        The samples scored, in order.
     """
 
     image_scores: np.ndarray
@@ -45,6 +47,12 @@ class CategoryScores:
     name: str = ""
     keys: Sequence[str] = field(default_factory=tuple)
     standard: Mapping[str, float] | None = None
+    #: The test samples, in the order of the maps (metrics that read more ground truth than one
+    #: mask per image, e.g. sPRO's mask channels, or the defect folder of each image).
+    samples: Sequence = field(default_factory=tuple)
+    #: A threshold chosen on the category's validation images (normal only), for threshold
+    #: metrics such as MVTec AD 2's SegF1; None when the dataset has no validation split.
+    validation_threshold: float | None = None
 
     def __post_init__(self) -> None:
         self.image_scores = np.asarray(self.image_scores, dtype=np.float64).ravel()

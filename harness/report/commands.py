@@ -51,7 +51,11 @@ def cmd_export_maps(args: argparse.Namespace) -> int:
         total = sum(item.counts.values())
         print(f"{item.record_path}: {total} map(s) in {len(item.counts)} categor{'y' if len(item.counts) == 1 else 'ies'}"
               f" -> {item.folder} (evaluation size {item.eval_size})")
-        print(f"  score them: {item.evaluate_command()}")
+        if item.counts:
+            print(f"  score them: {item.evaluate_command()}")
+        if item.unscored:
+            print(f"  {sum(item.unscored.values())} map(s) of test images without public ground truth "
+                  f"(never scored here) -> {item.folder}/anomaly_images[_thresholded], for the dataset's evaluation server")
     return 0
 
 

@@ -61,6 +61,9 @@ class ExportedRecord:
     counts: dict[str, int] = field(default_factory=dict)
     eval_size: int | str = "native"
     dataset: str = ""
+    #: Maps of test images without public ground truth, per category (MVTec AD 2's private sets),
+    #: copied into ``folder`` in the layout of MVTec's evaluation server (:mod:`harness.unscored`).
+    unscored: dict[str, int] = field(default_factory=dict)
 
     def evaluate_command(self) -> str:
         """The ``harness evaluate`` call that scores this export to the record's numbers."""
@@ -118,8 +121,10 @@ def export_record(record_path: Path, record: Record, out: Path, ground_truth: bo
     info = maps_info(record) or {}
     exported = ExportedRecord(Path(record_path), Path(out), eval_size=info.get("eval_size", "native"),
                               dataset=str(record.job.get("dataset")))
+    exported.unscored = _copy_unscored(record_path, record, Path(out))
     scores: dict[str, list[tuple[str, float]]] = {}
-    for saved in iter_all_maps(record_path, record, with_images=ground_truth):
+    saved_maps = iter_all_maps(record_path, record, with_images=ground_truth) if info.get("all") else ()
+    for saved in saved_maps:
         category, _, rest = saved.key.partition("/")
         if category != saved.category or not rest.startswith("test/"):
             raise SavedMapsError(f"saved map key {saved.key!r} is not <category>/test/<defect>/<stem>")
@@ -142,6 +147,26 @@ def export_record(record_path: Path, record: Record, out: Path, ground_truth: bo
     return exported
 
 
+def _unscored(record: Record) -> dict:
+    return (record.artifacts or {}).get("unscored_maps") or {}
+
+
+def _copy_unscored(record_path: Path, record: Record, out: Path) -> dict[str, int]:
+    """Copy a record's unscored maps (server layout) into ``out``; their counts per category."""
+    import shutil
+
+    from harness.unscored import unscored_folder
+
+    info = _unscored(record)
+    if not info:
+        return {}
+    source = unscored_folder(record_path)
+    if not source.is_dir():
+        raise SavedMapsError(f"record {record_path} lists unscored maps but {source} is missing; rerun it with --force")
+    shutil.copytree(source, out, dirs_exist_ok=True)
+    return {c: int(n) for c, n in info.get("counts", {}).items()}
+
+
 def export_maps(results_dir: Path | str, method: str, out: Path | str, datasets: Sequence[str] = (),
                 protocol: str | None = None, profile: str | None = None, seed: int | None = None,
                 ground_truth: bool = False, warn: Callable[[str], None] | None = None) -> list[ExportedRecord]:
@@ -162,7 +187,7 @@ def export_maps(results_dir: Path | str, method: str, out: Path | str, datasets:
         what = f"method {method!r}" + (f" on {', '.join(datasets)}" if datasets else "")
         raise UsageError(f"no finished record of {what} under {results_dir / 'records'}; see harness leaderboard "
                          f"--results-dir {results_dir}")
-    lacking = [str(p) for p, r in chosen if not (maps_info(r) or {}).get("all")]
+    lacking = [str(p) for p, r in chosen if not (maps_info(r) or {}).get("all") and not _unscored(r)]
     if lacking:
         raise UsageError("these records have no saved map of every test image (rerun them with --save-maps all "
                          "--force):\n  " + "\n  ".join(lacking))
