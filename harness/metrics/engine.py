@@ -22,7 +22,8 @@ int64 per pixel, which gives the cumulative PRO weights from the same sort. Noth
 Memory
 ------
 The accumulator keeps one score per defect-free pixel (in the maps' precision: float32 maps stay
-float32), in sorted runs of up to 16M values that are never merged (counts over runs add up),
+float32), in sorted runs of up to 16M values that are never merged (counts over runs add up;
+runs beyond ``$HARNESS_METRIC_MEMORY_MB``, 2048 by default, are moved to disk and searched there),
 plus a score and a region id per defect pixel. The curves are then walked in blocks, so the
 peak stays below twice the float32 maps (measured: at most 1.9x on MVTec-sized data, see the
 README). Maps that are float64 and not exactly representable in float32 are kept in float64, so
@@ -32,9 +33,13 @@ that no two distinct scores are merged (that path sorts with an argsort and uses
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -55,6 +60,26 @@ _RUN_SIZE = 1 << 24
 # Sorting threads, and the smallest part worth a thread of its own.
 _SORT_THREADS = min(4, os.cpu_count() or 1)
 _MIN_PART = 1 << 21
+
+
+#: Megabytes of sorted defect-free scores an accumulator keeps in memory before it spills them to disk.
+DEFAULT_MEMORY_MB = 2048
+
+
+def metric_memory_budget() -> int | None:
+    """Bytes of sorted scores kept in memory (``$HARNESS_METRIC_MEMORY_MB``); None: never spill.
+
+    Raises
+    ------
+    ValueError
+        When the variable is not a number, naming it.
+    """
+    value = os.environ.get("HARNESS_METRIC_MEMORY_MB", "").strip() or str(DEFAULT_MEMORY_MB)
+    try:
+        megabytes = float(value)
+    except ValueError:
+        raise ValueError(f"$HARNESS_METRIC_MEMORY_MB={value!r}: expected megabytes, e.g. 2048 (0: never spill)") from None
+    return int(megabytes * 2 ** 20) if megabytes > 0 else None
 
 
 def _undefined(what: str) -> float:
@@ -257,6 +282,8 @@ class MetricAccumulator:
         self._image_scores: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
         self._n_images = 0
+        self._spill_dir: Path | None = None  # created on the first spill, removed with the accumulator
+        self._n_spilled = 0
 
     @property
     def n_images(self) -> int:
@@ -404,6 +431,36 @@ class MetricAccumulator:
         self._neg_runs.extend(_sorted_in_parts(run))
         self._neg_pending = []
         self._pending_size = 0
+        self._spill()
+
+    def _spill(self) -> None:
+        """Move the sorted runs to disk (read back as memory maps) when they outgrow the budget.
+
+        The budget is ``$HARNESS_METRIC_MEMORY_MB`` (default :data:`DEFAULT_MEMORY_MB`; 0 never
+        spills). Counting needs only binary searches in each run, so a run on disk costs a few
+        page reads per threshold, and the peak stays near the budget plus one run in the making.
+        """
+        budget = metric_memory_budget()
+        in_memory = [r for r in self._neg_runs if not isinstance(r, np.memmap)]
+        if budget is None or sum(r.nbytes for r in in_memory) <= budget:
+            return
+        if self._spill_dir is None:
+            base = os.environ.get("HARNESS_METRIC_SPILL_DIR") or None
+            self._spill_dir = Path(tempfile.mkdtemp(prefix="harness-metrics-", dir=base))
+            weakref.finalize(self, shutil.rmtree, str(self._spill_dir), True)
+        runs = []
+        for run in self._neg_runs:
+            if not isinstance(run, np.memmap):
+                path = self._spill_dir / f"run{self._n_spilled:06d}.bin"
+                self._n_spilled += 1
+                try:
+                    run.tofile(path)
+                except OSError as exc:
+                    raise OSError(f"cannot spill metric data to {path}: {exc}. Point $HARNESS_METRIC_SPILL_DIR at a "
+                                  "folder with free space, or raise $HARNESS_METRIC_MEMORY_MB") from exc
+                run = np.memmap(path, dtype=run.dtype, mode="r", shape=run.shape)
+            runs.append(run)
+        self._neg_runs = runs
 
     def _in_category(self) -> str:
         return f" in category {self.name!r}" if self.name else ""
