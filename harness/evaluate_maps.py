@@ -72,24 +72,35 @@ class MapsEvaluation:
     score_files: list[Path] = field(default_factory=list)
 
 
-def map_path(maps_dir: Path, sample: Sample) -> Path | None:
+def map_path(maps_dir: Path, sample: Sample, root: Path | None = None) -> Path | None:
     """The map file of ``sample`` under ``maps_dir``, or None when there is none.
+
+    Looked for at the sample's key, then (with ``root``) at the image's own path in the dataset
+    tree: MVTec AD 2's ``<category>/test_public/bad/<stem>`` or a validation image.
 
     Parameters
     ----------
     maps_dir : Path
     sample : Sample
         A test sample; its key is ``<category>/test/<defect>/<stem>``.
+    root : Path, optional
+        The dataset root, for the second place.
 
     Returns
     -------
     Path or None
     """
-    base = Path(maps_dir) / sample.key
-    for suffix in MAP_SUFFIXES:
-        candidate = base.with_name(base.name + suffix)
-        if candidate.is_file():
-            return candidate
+    bases = [Path(maps_dir) / sample.key]
+    if root is not None and isinstance(sample.image, (str, Path)):
+        try:
+            bases.append(Path(maps_dir) / Path(sample.image).relative_to(root).with_suffix(""))
+        except ValueError:
+            pass
+    for base in bases:
+        for suffix in MAP_SUFFIXES:
+            candidate = base.with_name(base.name + suffix)
+            if candidate.is_file():
+                return candidate
     return None
 
 
@@ -185,7 +196,8 @@ def find_extra_files(maps_dir: Path, categories: Iterable[str], expected: set[Pa
 
 
 def evaluate_maps(maps_dir: Path, index: DatasetIndex, categories: Sequence[str] | None = None,
-                  eval_size: int | None = None, groups: Mapping[str, Sequence[str]] | None = None) -> MapsEvaluation:
+                  eval_size: int | None = None, groups: Mapping[str, Sequence[str]] | None = None,
+                  metric_names: Sequence[str] = ()) -> MapsEvaluation:
     """Score the maps under ``maps_dir`` against ``index``'s test ground truth, per category.
 
     Parameters
@@ -202,6 +214,12 @@ def evaluate_maps(maps_dir: Path, index: DatasetIndex, categories: Sequence[str]
         Reporting groups (``DatasetSpec.groups``): image AUROC of each group's defect folders
         with all normal images, as ``image_auroc_<group>``.
 
+    metric_names : sequence of str, optional
+        The dataset's metrics (``registry.metric_specs(dataset)``); of the non-standard ones,
+        ``pixel_aupro_fpr0.05`` and ``image_sample_auroc`` are computed from the streamed data,
+        and ``pixel_segf1`` from the threshold of the validation maps, when the maps folder has
+        them (``<maps>/<category>/validation/good/<stem>.tiff``; NaN with a warning otherwise).
+
     A category whose samples carry mask channels (MVTec LOCO AD) also gets the sPRO metrics of
     :func:`harness.metrics.spro.spro_metrics`, computed from the same maps.
 
@@ -217,6 +235,7 @@ def evaluate_maps(maps_dir: Path, index: DatasetIndex, categories: Sequence[str]
     """
     from harness.metrics import MetricAccumulator
     from harness.metrics.spro import SproAccumulator, read_channel, spro_metrics
+    from harness.metrics.segf1 import SegF1Counter
 
     maps_dir = Path(maps_dir)
     if not maps_dir.is_dir():
@@ -231,7 +250,7 @@ def evaluate_maps(maps_dir: Path, index: DatasetIndex, categories: Sequence[str]
     for category in names:
         pairs = []
         for sample in index.categories[category].test:
-            path = map_path(maps_dir, sample)
+            path = map_path(maps_dir, sample, index.root)
             if path is None:
                 missing.append(str(maps_dir / sample.key) + ".tiff")
             else:
@@ -255,6 +274,10 @@ def evaluate_maps(maps_dir: Path, index: DatasetIndex, categories: Sequence[str]
                 raise MapError(f"{maps_dir / category / IMAGE_SCORES_FILE} has no score for {len(unlisted)} test "
                                f"image(s): {', '.join(unlisted[:5])}")
         spro = SproAccumulator() if any(s.channels for s, _ in pairs) else None
+        segf1 = None
+        if "pixel_segf1" in metric_names:
+            threshold = validation_threshold(maps_dir, index, category, eval_size)
+            segf1 = SegF1Counter(threshold) if threshold is not None else None
         image_scores: list[float] = []
         for start in range(0, len(pairs), _BATCH):
             batch = pairs[start:start + _BATCH]
@@ -263,6 +286,8 @@ def evaluate_maps(maps_dir: Path, index: DatasetIndex, categories: Sequence[str]
                 amap, mask = _ground_truth(sample, read_map(path), path, eval_size)
                 maps.append(amap)
                 masks.append(mask)
+                if segf1 is not None:
+                    segf1.update(amap, mask)
                 if spro is not None:
                     try:
                         channels = [read_channel(c.source, c.saturation, amap.shape) for c in sample.channels]
@@ -279,9 +304,63 @@ def evaluate_maps(maps_dir: Path, index: DatasetIndex, categories: Sequence[str]
         result.metrics[category] = accumulator.compute()
         if spro is not None:
             result.metrics[category].update(spro_metrics(spro))
+        result.metrics[category].update(_streamed_extras(metric_names, accumulator, segf1, [s for s, _ in pairs],
+                                                         image_scores, category))
         result.metrics[category].update(group_image_auroc([s for s, _ in pairs], image_scores, groups or {}))
         result.n_maps += len(pairs)
     return result
+
+
+def validation_threshold(maps_dir: Path, index: DatasetIndex, category: str, eval_size: int | None) -> float | None:
+    """mean + 3 std of a category's validation maps (:mod:`harness.metrics.segf1`), None without them.
+
+    Raises
+    ------
+    MapError
+        When some validation images have a map and others not (the threshold would be biased).
+    """
+    from harness.metrics.segf1 import RunningMoments
+
+    samples = index.categories[category].validation
+    found = [(s, map_path(maps_dir, s, index.root)) for s in samples]
+    missing = [s for s, p in found if p is None]
+    if not samples or len(missing) == len(samples):
+        return None
+    if missing:
+        raise MapError(f"{len(missing)} of {len(samples)} validation images of {category} have no map (e.g. "
+                       f"{Path(maps_dir) / missing[0].key}.tiff); give all of them or none")
+    moments = RunningMoments()
+    for sample, path in found:
+        amap = read_map(path)
+        moments.update(_resize_map(amap, eval_size) if eval_size else amap)
+    return moments.threshold()
+
+
+def _streamed_extras(names: Sequence[str], accumulator: Any, segf1: Any, samples: Sequence[Sample],
+                     image_scores: Sequence[float], category: str) -> dict[str, float]:
+    """The dataset metrics that the streamed data give (see :func:`evaluate_maps`)."""
+    import warnings
+
+    from harness.metrics import CategoryScores, UndefinedMetricWarning
+    from harness.metrics.dataset_metrics import image_sample_auroc
+    from harness.metrics.engine import pixel_metrics
+
+    out: dict[str, float] = {}
+    if "pixel_aupro_fpr0.05" in names:
+        out["pixel_aupro_fpr0.05"] = pixel_metrics(accumulator.pixel_curves(), 0.05)["pixel_aupro"]
+    if "pixel_segf1" in names:
+        if segf1 is None:
+            warnings.warn(f"SegF1 of {category} needs the maps of its validation images "
+                          f"(<maps>/{category}/validation/good/<stem>.tiff); returning NaN", UndefinedMetricWarning,
+                          stacklevel=3)
+            out["pixel_segf1"] = float("nan")
+        else:
+            out["pixel_segf1"] = segf1.value()
+    if "image_sample_auroc" in names:
+        scores = CategoryScores(np.asarray(image_scores), np.array([s.label for s in samples]), name=category,
+                                keys=[s.key for s in samples], standard={})
+        out["image_sample_auroc"] = image_sample_auroc(scores)
+    return out
 
 
 def group_image_auroc(samples: Sequence[Sample], scores: Sequence[float],
