@@ -95,6 +95,17 @@ def test_mvtec_loco_run_reports_spro_by_anomaly_type(tmp_path, run_options):
             assert 0 <= values[name] <= 1
         assert values["pixel_spro"] == pytest.approx((values["pixel_spro_logical"]
                                                      + values["pixel_spro_structural"]) / 2)
+        assert 0 <= values["image_auroc_logical"] <= 1 and 0 <= values["image_auroc_structural"] <= 1
+
+
+def test_leaderboard_shows_loco_by_anomaly_type(tmp_path, run_options):
+    from harness.leaderboard import build_leaderboard
+
+    _run(tmp_path, run_options, "mvtec_loco", mvtec_loco, R.build_mvtec_loco)
+    registry = load_registry(entry_points=[], extra_plugins=[("mvtec_loco", mvtec_loco)])
+    text = build_leaderboard(run_options.results_dir, metrics=registry.metric_specs())
+    for label in ("I-AUROC-log", "I-AUROC-str", "P-sPRO-log", "P-sPRO-str", "P-sPRO"):
+        assert label in text, text
 
 
 def test_realiad_sample_level_auroc(tmp_path, run_options):

@@ -51,6 +51,24 @@ def pixel_spro_structural(scores: CategoryScores) -> float:
     return _spro(scores).get("pixel_spro_structural", float("nan"))
 
 
+def _group_auroc(scores: CategoryScores, defect: str) -> float:
+    """Image AUROC of the anomalies of one defect folder against all normal images."""
+    if len(scores.samples) != scores.image_scores.size:
+        raise ValueError(f"image AUROC by anomaly type of {scores.name!r} needs the samples")
+    keep = np.array([s.label == 0 or s.defect == defect for s in scores.samples])
+    return auroc(scores.image_scores[keep], scores.labels[keep])
+
+
+def image_auroc_logical(scores: CategoryScores) -> float:
+    """Image AUROC of MVTec LOCO AD's logical anomalies against all good images (the paper's split)."""
+    return _group_auroc(scores, "logical_anomalies")
+
+
+def image_auroc_structural(scores: CategoryScores) -> float:
+    """Image AUROC of MVTec LOCO AD's structural anomalies against all good images."""
+    return _group_auroc(scores, "structural_anomalies")
+
+
 def sample_groups(keys) -> list[str]:
     """The object each Real-IAD image belongs to: its key without ``_C<view>_<time>`` (else the key)."""
     out = []
@@ -107,6 +125,10 @@ def pixel_aupro_05(scores: CategoryScores) -> float:
 
 
 DATASET_METRICS = (
+    MetricSpec("image_auroc_logical", "image", True, image_auroc_logical, "I-AUROC-log", datasets=LOCO,
+               needs_maps=False, description="image AUROC, logical anomalies with all good images"),
+    MetricSpec("image_auroc_structural", "image", True, image_auroc_structural, "I-AUROC-str", datasets=LOCO,
+               needs_maps=False, description="image AUROC, structural anomalies with all good images"),
     MetricSpec("pixel_spro", "pixel", True, pixel_spro, "P-sPRO", datasets=LOCO,
                description="AUC-sPRO up to FPR 0.05 (MVTec LOCO AD), mean of logical and structural"),
     MetricSpec("pixel_spro_logical", "pixel", True, pixel_spro_logical, "P-sPRO-log", datasets=LOCO,
