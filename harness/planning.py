@@ -323,8 +323,8 @@ class Planner:
                           differences=spec.schema.differences(settings, spec.profiles[job.profile]), units=units,
                           tests=tests, record_path=path, status=_record_status(path), weights=weights, resources=resources,
                           eval_size=eval_size, eval_size_source=source, notes=notes, eval_grid=grid,
-                          validation={c: list(index.categories[c].validation) for c in tests
-                                      if index.categories[c].validation},
+                          validation={c: list(index.categories[c].validation)[:FAST_DEV_TEST if job.dev_run else None]
+                                      for c in tests if index.categories[c].validation},
                           unscored={c: list(index.categories[c].unscored) for c in tests
                                     if index.categories[c].unscored and not job.dev_run})
 
