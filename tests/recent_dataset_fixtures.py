@@ -179,5 +179,19 @@ def build_ksdd2(root: Path, rng: random.Random) -> dict:
                       "masks": n["test_bad"]}}
 
 
-__all__ = ["LOCO_DEFECTS", "build_btad", "build_ksdd2", "build_mvtec_ad2", "build_mvtec_loco", "build_realiad",
+__all__ = ["LOCO_DEFECTS", "loco_maps", "build_btad", "build_ksdd2", "build_mvtec_ad2", "build_mvtec_loco", "build_realiad",
            "expected_mask", "loco_channel"]
+
+
+def loco_maps(samples, seed: int, levels: int = 40) -> dict:
+    """Seeded anomaly maps for LOCO test samples: noise, raised inside each mask channel, on ``levels``
+    grey levels (ties within and across images; few enough distinct scores for the official
+    script's threshold refinement to reach every one of them). ``{sample key: float32 (H, W)}``."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for sample in samples:
+        amap = rng.random((SIZE, SIZE))
+        for channel in sample.channels:
+            amap[np.asarray(Image.open(channel.source)) > 0] += rng.random() * 0.6
+        out[sample.key] = (np.round(amap * levels) / levels).astype(np.float32)
+    return out

@@ -4,9 +4,9 @@ The reference below thresholds every map at every distinct score (plus one thres
 maximum and one below the minimum, as the official script's first and last thresholds), counts
 each channel's true positives and the false positives outside the union of an image's channels
 on binary maps, and integrates with the MVTec AD ``trapz`` rule (interpolation at the limit by
-``bisect``). It shares no code with :mod:`harness.metrics.spro`. The official script itself is
-not distributed in a form this repository can run offline; its definition is restated in the
-module docstring of :mod:`harness.metrics.spro`, and the reference follows it step by step.
+``bisect``). It shares no code with :mod:`harness.metrics.spro`. The last test compares
+``harness evaluate`` with numbers made by MVTec's own LOCO evaluation modules on seeded fixtures
+(``golden/spro/reference.json``; how they were made: ``golden/spro/make_reference.py``).
 """
 
 from __future__ import annotations
@@ -184,3 +184,38 @@ def test_harness_evaluate_gives_the_reference_spro(tmp_path, monkeypatch, capsys
         assert got["pixel_spro_logical"] == pytest.approx(per_kind["logical_anomalies"][0.05], abs=1e-12)
         assert got["pixel_spro_structural"] == pytest.approx(per_kind["structural_anomalies"][0.05], abs=1e-12)
         assert 0 <= got["image_auroc_logical"] <= 1 and 0 <= got["image_auroc_structural"] <= 1
+
+
+# -- against numbers made by MVTec's evaluation code -----------------------------------------
+REFERENCE = Path(__file__).resolve().parent / "golden" / "spro" / "reference.json"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_harness_evaluate_equals_the_official_code(tmp_path, monkeypatch, capsys, seed):
+    """``reference.json`` was made by MVTec's LOCO evaluation modules (tests/golden/spro/make_reference.py)."""
+    import harness.cli
+    import harness.registry
+    from harness.registry import load_registry
+
+    reference = json.loads(REFERENCE.read_text())["seeds"][str(seed)]
+    root = tmp_path / "loco"
+    R.build_mvtec_loco(root, random.Random(seed))
+    index = mvtec_loco.load_mvtec_loco(root)
+    maps_dir = tmp_path / "maps"
+    for cat in index.categories.values():
+        for key, amap in R.loco_maps(cat.test, seed).items():
+            path = maps_dir / f"{key}.npy"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, amap)
+    registry = load_registry(entry_points=[], extra_plugins=[("mvtec_loco", mvtec_loco)])
+    monkeypatch.setattr(harness.registry, "load_registry", lambda *a, **k: registry)
+    results = tmp_path / "results"
+    assert harness.cli.main(["evaluate", "--maps", str(maps_dir), "--dataset", "mvtec_loco", "--root", str(root),
+                             "--results-dir", str(results)]) == 0
+    record = json.loads(next(results.rglob("*.json")).read_text())
+    for category, official in reference.items():
+        ours = record["metrics"][category]
+        for limit in SPRO_FPR_LIMITS:
+            assert ours[f"pixel_spro_fpr{limit:g}"] == pytest.approx(official["mean"][str(limit)], abs=1e-6), (category, limit, ours, official)
+        assert ours["pixel_spro_logical"] == pytest.approx(official["logical_anomalies"]["0.05"], abs=1e-6), (category, limit, ours, official)
+        assert ours["pixel_spro_structural"] == pytest.approx(official["structural_anomalies"]["0.05"], abs=1e-6), (category, limit, ours, official)
