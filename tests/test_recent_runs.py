@@ -125,3 +125,26 @@ def test_sample_level_auroc_takes_the_max_over_views():
     value = image_sample_auroc(CategoryScores(np.array(scores), np.array(labels), name="toy", keys=keys,
                                               standard={}))
     assert value == 0.0  # object 1 (normal) peaks at 0.9, object 2 (anomalous) at 0.5
+
+
+def test_run_passes_data_options_to_the_loader(tmp_path, run_options, monkeypatch, capsys):
+    from toy_plugins import ToyPlugin
+
+    import harness.cli
+    import harness.registry
+    from harness.jobs import expand_jobs
+    from harness.planning import plan_jobs
+
+    root = tmp_path / "realiad"
+    R.build_realiad(root, random.Random(30))
+    registry = load_registry(entry_points=[], extra_plugins=[("toy", ToyPlugin()), ("realiad", realiad)])
+    run_options.data_roots = {"realiad": root}
+    run_options.data_options = {"resolution": "256", "split": "sv"}
+    plan = plan_jobs(registry, expand_jobs(["meanimage"], ["realiad"], "multiclass", None, [0], {"realiad": "tiny"}),
+                     run_options)
+    samples = [s for c in plan.indexes["realiad"].categories.values() for s in c.test]
+    assert samples and all("realiad_256" in str(s.image) for s in samples)
+    monkeypatch.setattr(harness.registry, "load_registry", lambda *a, **k: registry)
+    assert harness.cli.main(["run", "--methods", "meanimage", "--datasets", "realiad", "--data-root", str(root),
+                             "--data-option", "colour=red", "--dry-run"]) == 2
+    assert "--data-option colour: no dataset of this run takes it" in capsys.readouterr().err
