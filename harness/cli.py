@@ -243,7 +243,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         rows.append(["method", name, p.plugin.distribution, f"{p.spec.paper.title} ({p.spec.paper.venue}); "
                      f"protocols: {', '.join(p.spec.protocols)}{paper}; profiles: {', '.join(p.spec.profiles)}"])
     for name, p in registry.datasets.items():
-        rows.append(["dataset", name, p.plugin.distribution, f"{p.spec.description} ({len(p.spec.categories)} categories)"])
+        options = f"; --data-option {', '.join(f'{k}=...' for k in p.spec.options)}" if p.spec.options else ""
+        rows.append(["dataset", name, p.plugin.distribution,
+                     f"{p.spec.description} ({len(p.spec.categories)} categories{options})"])
     for name, p in registry.metrics.items():
         where = f"; only on {', '.join(p.spec.datasets)}" if p.spec.datasets else ""
         rows.append(["metric", name, p.plugin.distribution,

@@ -190,4 +190,4 @@ def harness_datasets():
     """Register Real-IAD."""
     return [DatasetSpec(name=NAME, categories=CATEGORIES, loader=load_realiad,
                         find_root=env_root(NAME, "HARNESS_DATA_REALIAD"), options=OPTIONS,
-                        description="Real-IAD: 30 categories, 5 views per object (options: resolution, split)")]
+                        description="Real-IAD: 30 categories, 5 views per object")]
