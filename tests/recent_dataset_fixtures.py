@@ -10,7 +10,8 @@ loader's counts with the truth of a tree it has never seen before.
 - MVTec LOCO AD: a folder of masks per anomalous image (``ground_truth/<type>/<stem>/000.png``,
   each with its defect type's pixel value, overlapping on purpose) and ``defects_config.json``.
 - Real-IAD: ``realiad_<res>/<cat>/{OK,NG/<cls>}/S<id>/<cat>_<id>_..._C<k>_<time>.jpg`` (five
-  views per object, masks as same-stem PNGs) and the split JSONs in ``realiad_jsons[_sv]``.
+  views per object, masks as same-stem PNGs) and the split JSONs in
+  ``realiad_jsons/realiad_jsons[_sv]/<cat>.json`` (``meta.prefix`` = the category).
 - BTAD: ``01`` BMP images and PNG masks, ``02`` PNG and PNG, ``03`` BMP and BMP.
 - KolektorSDD2: ``train``/``test`` with ``<id>.png`` and ``<id>_GT.png`` (all-zero for normal).
 """
@@ -105,8 +106,8 @@ def build_realiad(root: Path, rng: random.Random, categories=("audiojack", "bott
     """Real-IAD in miniature: objects of five views, multi- and single-view JSONs; returns the mv counts."""
     w, counts = Writer(rng.randrange(1000)), {}
     for cat in categories:
-        mv = {"meta": {"prefix": "", "normal_class": "OK"}, "train": [], "test": []}
-        sv = {"meta": {"prefix": "", "normal_class": "OK"}, "train": [], "test": []}
+        mv = {"meta": {"prefix": cat, "normal_class": "OK"}, "train": [], "test": []}
+        sv = {"meta": {"prefix": cat, "normal_class": "OK"}, "train": [], "test": []}
         objects = [("train", "OK")] * rng.randint(1, 2) + [("test", "OK")] * rng.randint(1, 2) + \
                   [("test", rng.choice(["AK", "QS", "HS"])) for _ in range(rng.randint(1, 3))]
         n = {"train": 0, "test_normal": 0, "test_anomalous": 0}
@@ -129,8 +130,9 @@ def build_realiad(root: Path, rng: random.Random, categories=("audiojack", "bott
                         w.mask(base / mask, f"{cat}/{split}/{view_cls}/{stem}")
                 key = "train" if split == "train" else ("test_normal" if view_cls == "OK" else "test_anomalous")
                 n[key] += 1
-        w.text(root / "realiad_jsons" / f"{cat}.json", json.dumps(mv))
-        w.text(root / "realiad_jsons_sv" / f"{cat}.json", json.dumps(sv))
+        # realiad_jsons.zip extracts to realiad_jsons/<split folder>/<cat>.json
+        w.text(root / "realiad_jsons" / "realiad_jsons" / f"{cat}.json", json.dumps(mv))
+        w.text(root / "realiad_jsons" / "realiad_jsons_sv" / f"{cat}.json", json.dumps(sv))
         n["masks"] = n["test_anomalous"]
         counts[cat] = n
     w.write()

@@ -4,13 +4,16 @@ Layout::
 
     <root>/realiad_1024/<cat>/OK/S0001/<cat>_0001_OK_C1_<time>.jpg ...        (also realiad_512, _256, _raw)
     <root>/realiad_1024/<cat>/NG/<defect>/S0025/<cat>_0025_NG_<defect>_C1_<time>.jpg, same stem .png (mask)
-    <root>/realiad_jsons/<cat>.json          (multi-view split)
-    <root>/realiad_jsons_sv/<cat>.json       (single-view split)
+    <root>/realiad_jsons/realiad_jsons/<cat>.json       (multi-view split)
+    <root>/realiad_jsons/realiad_jsons_sv/<cat>.json    (single-view split)
+
+(``realiad_jsons.zip`` extracts to ``realiad_jsons/`` holding one folder per split; the split
+folders directly under the root are accepted too.)
 
 The split is the authors' JSON: ``{"meta": {"normal_class": "OK", "prefix": ...}, "train": [...],
 "test": [...]}``, each entry with ``anomaly_class``, ``image_path`` and ``mask_path`` (null for
-normal images), paths relative to the category folder of the resolution folder (a path that
-already starts with the category, or with ``meta.prefix``, is accepted too). An image is
+normal images), paths relative to ``realiad_<r>/<meta.prefix>/`` (the prefix is the category;
+a path relative to ``realiad_<r>/`` itself is accepted too). An image is
 anomalous when its ``anomaly_class`` is not ``meta.normal_class``; its defect name is the
 anomaly class (``good`` for normal ones).
 
@@ -57,8 +60,9 @@ TREE = """\
 │   ├── audiojack/OK/S0001/audiojack_0001_OK_C1_20230922093512.jpg ...
 │   ├── audiojack/NG/AK/S0025/audiojack_0025_NG_AK_C1_....jpg, ....png ...
 │   └── ... (30 categories)
-├── realiad_jsons/audiojack.json ...       (multi-view split; --data-option split=mv)
-└── realiad_jsons_sv/audiojack.json ...    (single-view split; --data-option split=sv)
+└── realiad_jsons/
+    ├── realiad_jsons/audiojack.json ...       (multi-view split; --data-option split=mv)
+    └── realiad_jsons_sv/audiojack.json ...    (single-view split; --data-option split=sv)
 """
 
 
@@ -70,16 +74,18 @@ def sample_id(sample_key: str) -> str:
 
 
 def _json_dir(root: Path, split: str) -> Path:
-    folder = root / SPLITS[split]
-    nested = folder / SPLITS[split]  # some unzip tools add a level
-    return nested if nested.is_dir() and not any(folder.glob("*.json")) else folder
+    """The folder of the split's JSONs: ``realiad_jsons.zip`` extracts to ``realiad_jsons/<name>/``
+    (``realiad_jsons``, ``realiad_jsons_sv``, ...); ``<root>/<name>/`` is accepted too."""
+    name = SPLITS[split]
+    candidates = [root / "realiad_jsons" / name, root / name, root / name / name]
+    return next((c for c in candidates if c.is_dir() and any(c.glob("*.json"))), candidates[0])
 
 
 def _resolve(base: Path, category: str, prefix: str, relative: str) -> Path:
-    for candidate in (base / category / relative, base / relative, base / prefix / relative):
+    for candidate in (base / (prefix or category) / relative, base / category / relative, base / relative):
         if candidate.is_file():
             return candidate
-    return base / category / relative
+    return base / (prefix or category) / relative
 
 
 def _category(base: Path, json_path: Path, category: str, problems: list[str]) -> CategoryData:
@@ -165,7 +171,7 @@ def load_realiad(root: Path | str | None, categories: Sequence[str] | None = Non
     if not base.is_dir():
         raise layout_error(NAME, root, TREE, f"no image folder {base.name}/ (resolution {resolution})")
     if not json_dir.is_dir():
-        raise layout_error(NAME, root, TREE, f"no split folder {json_dir.name}/ (split {split})")
+        raise layout_error(NAME, root, TREE, f"no split folder {json_dir.relative_to(root)}/ with <category>.json files (split {split})")
     unknown = [c for c in (categories or ()) if c not in CATEGORIES]
     if unknown:
         raise DatasetError(f"{NAME}: unknown categories {unknown}; valid: {', '.join(CATEGORIES)}")
