@@ -237,7 +237,8 @@ class JobRunner:
                 if unscored:
                     from harness.unscored import write_unscored
 
-                    record.artifacts.update(write_unscored(evaluator, method, unscored, thresholds, planned.record_path))
+                    record.artifacts.update(write_unscored(evaluator, method, unscored, thresholds,
+                                                           planned.record_path))
                 del method
             record.efficiency.update(evaluator.efficiency())
             for sink in sinks:

@@ -181,7 +181,8 @@ def build_ksdd2(root: Path, rng: random.Random) -> dict:
                       "masks": n["test_bad"]}}
 
 
-__all__ = ["LOCO_DEFECTS", "loco_maps", "build_btad", "build_ksdd2", "build_mvtec_ad2", "build_mvtec_loco", "build_realiad",
+__all__ = ["LOCO_DEFECTS", "loco_maps", "build_btad", "build_ksdd2", "build_mvtec_ad2", "build_mvtec_loco",
+           "build_realiad",
            "expected_mask", "loco_channel"]
 
 

@@ -57,7 +57,8 @@ def test_mvtec_ad2_segf1_and_aupro_005_from_maps_in_the_dataset_tree(tmp_path, m
         maps, masks = [], []
         for sample in cat.test:
             mask = read_mask(sample.mask) if sample.mask is not None else np.zeros((R.SIZE, R.SIZE), bool)
-            amap = rng.random((R.SIZE, R.SIZE)).astype(np.float32) + mask.astype(np.float32) * np.float32(2 * rng.random())
+            amap = rng.random((R.SIZE, R.SIZE)).astype(np.float32)
+            amap += mask.astype(np.float32) * np.float32(2 * rng.random())
             # As the dataset tree has it: <category>/test_public/<good|bad>/<stem>
             _write(maps_dir / Path(sample.image).relative_to(root).with_suffix(".npy"), amap)
             maps.append(amap)

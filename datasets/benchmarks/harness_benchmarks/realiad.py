@@ -56,7 +56,7 @@ _VIEW = re.compile(r"^(?P<sample>.+)_C[1-9]_[^_]*$")
 
 TREE = """\
 <root>/                                    (the folder holding the extracted archives)
-├── realiad_1024/                          (or realiad_512, realiad_256, realiad_raw: --data-option resolution=...)
+├── realiad_1024/                     (or realiad_512, _256, _raw: --data-option resolution=...)
 │   ├── audiojack/OK/S0001/audiojack_0001_OK_C1_20230922093512.jpg ...
 │   ├── audiojack/NG/AK/S0025/audiojack_0025_NG_AK_C1_....jpg, ....png ...
 │   └── ... (30 categories)
@@ -171,7 +171,8 @@ def load_realiad(root: Path | str | None, categories: Sequence[str] | None = Non
     if not base.is_dir():
         raise layout_error(NAME, root, TREE, f"no image folder {base.name}/ (resolution {resolution})")
     if not json_dir.is_dir():
-        raise layout_error(NAME, root, TREE, f"no split folder {json_dir.relative_to(root)}/ with <category>.json files (split {split})")
+        raise layout_error(NAME, root, TREE, f"no split folder {json_dir.relative_to(root)}/ with <category>.json "
+                                             f"files (split {split})")
     unknown = [c for c in (categories or ()) if c not in CATEGORIES]
     if unknown:
         raise DatasetError(f"{NAME}: unknown categories {unknown}; valid: {', '.join(CATEGORIES)}")
