@@ -65,7 +65,7 @@ def run_mode(mode: str, images: int, size: int, batch: int, seed: int) -> dict:
         for maps, masks, labels in kept:
             accumulator.update(maps, masks, labels=labels)
     metrics = accumulator.compute()
-    spilled = sum(isinstance(run, np.memmap) for run in accumulator._neg_runs)
+    spilled = sum(not isinstance(run, np.ndarray) for run in accumulator._neg_runs)
     return {"mode": mode, "seconds": round(time.perf_counter() - started, 1),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3),
             "runs_on_disk": spilled, "runs": len(accumulator._neg_runs),

@@ -105,6 +105,40 @@ def _scores_from_bits(bits: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class SpilledRun:
+    """A sorted run of defect-free scores moved to disk (see :meth:`MetricAccumulator._spill`)."""
+
+    path: Path
+    dtype: np.dtype
+    size: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on disk."""
+        return self.size * self.dtype.itemsize
+
+    @classmethod
+    def write(cls, run: np.ndarray, path: Path) -> "SpilledRun":
+        """Write ``run`` to ``path`` (raw, native byte order)."""
+        try:
+            run.tofile(path)
+        except OSError as exc:
+            raise OSError(f"cannot spill metric data to {path}: {exc}. Point $HARNESS_METRIC_SPILL_DIR at a folder "
+                          "with free space, or raise $HARNESS_METRIC_MEMORY_MB") from exc
+        return cls(Path(path), np.dtype(run.dtype), int(run.size))
+
+    def open(self) -> np.ndarray:
+        """The run as a read-only memory map (unmapped when the last reference goes)."""
+        if self.size == 0:
+            return np.zeros(0, dtype=self.dtype)
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.size,))
+
+    def read(self) -> np.ndarray:
+        """The run in memory."""
+        return np.fromfile(self.path, dtype=self.dtype, count=self.size)
+
+
+@dataclass(frozen=True)
 class PixelCurves:
     """The reduced exact pixel curves: two points per distinct defect-pixel score, highest first.
 
@@ -271,7 +305,7 @@ class MetricAccumulator:
         self.fpr_limit = fpr_limit
         self._dtype = np.dtype(np.float32)
         # Defect-free scores: sorted runs, plus batches not yet joined into a run.
-        self._neg_runs: list[np.ndarray] = []
+        self._neg_runs: list[np.ndarray | SpilledRun] = []
         self._neg_pending: list[np.ndarray] = []
         self._pending_size = 0
         self._pos_scores: list[np.ndarray] = []
@@ -321,7 +355,7 @@ class MetricAccumulator:
             self._pos_regions.insert(0, self._pos_key & _REGION_MASK)
             self._pos_key = None
         self._dtype = np.dtype(np.float64)
-        self._neg_runs = [a.astype(np.float64) for a in self._neg_runs]
+        self._neg_runs = [(a.read() if isinstance(a, SpilledRun) else a).astype(np.float64) for a in self._neg_runs]
         self._neg_pending = [a.astype(np.float64) for a in self._neg_pending]
         self._pos_scores = [a.astype(np.float64) for a in self._pos_scores]
 
@@ -441,7 +475,7 @@ class MetricAccumulator:
         page reads per threshold, and the peak stays near the budget plus one run in the making.
         """
         budget = metric_memory_budget()
-        in_memory = [r for r in self._neg_runs if not isinstance(r, np.memmap)]
+        in_memory = [r for r in self._neg_runs if isinstance(r, np.ndarray)]
         if budget is None or sum(r.nbytes for r in in_memory) <= budget:
             return
         if self._spill_dir is None:
@@ -450,15 +484,10 @@ class MetricAccumulator:
             weakref.finalize(self, shutil.rmtree, str(self._spill_dir), True)
         runs = []
         for run in self._neg_runs:
-            if not isinstance(run, np.memmap):
+            if isinstance(run, np.ndarray):
                 path = self._spill_dir / f"run{self._n_spilled:06d}.bin"
                 self._n_spilled += 1
-                try:
-                    run.tofile(path)
-                except OSError as exc:
-                    raise OSError(f"cannot spill metric data to {path}: {exc}. Point $HARNESS_METRIC_SPILL_DIR at a "
-                                  "folder with free space, or raise $HARNESS_METRIC_MEMORY_MB") from exc
-                run = np.memmap(path, dtype=run.dtype, mode="r", shape=run.shape)
+                run = SpilledRun.write(run, path)
             runs.append(run)
         self._neg_runs = runs
 
@@ -506,7 +535,10 @@ class MetricAccumulator:
             n_pos = int(scores.size)
         at_least, above = np.zeros(thresholds.size, np.int64), np.zeros(thresholds.size, np.int64)
         for run in self._neg_runs:
-            ge, gt = _count_at_least_and_above(run, thresholds)
+            # A spilled run is mapped only while it is searched: its pages leave the process after.
+            values = run.open() if isinstance(run, SpilledRun) else run
+            ge, gt = _count_at_least_and_above(values, thresholds)
+            del values
             at_least += ge
             above += gt
         return PixelCurves(thresholds, tps, at_least, above, pro, n_pos, n_neg, self._n_regions)
