@@ -277,16 +277,20 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     """
     from tabulate import tabulate
 
+    # Splits only some datasets have (validation, test sets without ground truth) get columns there.
+    extra = [f for f in ("validation", "test_unscored") if any(f in row for row in summary["categories"])]
     rows = []
     for row in summary["categories"]:
         official = row["official"]
         ref = "/".join(str(official[f]) for f in COUNT_FIELDS if f in official) if official else "-"
         rows.append([row["category"], row["train"], row["test_normal"], row["test_anomalous"], row["masks"],
-                     ", ".join(row["image_sizes"]), ref])
-    totals = ["total", *(sum(r[i] for r in rows) for i in range(1, 5)), "", ""]
-    lines = [f"{summary['dataset']} at {summary['root']}",
-             tabulate([*rows, totals], headers=["category", "train", "test normal", "test anomalous", "masks",
-                                                "image sizes", "official train/normal/anomalous"], tablefmt="simple")]
+                     *(row.get(f, 0) for f in extra), ", ".join(row["image_sizes"]), ref])
+    n = 4 + len(extra)
+    totals = ["total", *(sum(r[i] for r in rows) for i in range(1, n + 1)), "", ""]
+    official_title = "official train/normal/anomalous" + ("/validation" if "validation" in extra else "")
+    headers = ["category", "train", "test normal", "test anomalous", "masks",
+               *(f.replace("_", " ") for f in extra), "image sizes", official_title]
+    lines = [f"{summary['dataset']} at {summary['root']}", tabulate([*rows, totals], headers=headers, tablefmt="simple")]
     lines += [f"note: {n}" for n in summary.get("notes", [])]
     lines += [f"warning: {w}" for w in summary["warnings"]]
     lines += [f"problem: {p}" for p in summary["problems"]]
