@@ -452,8 +452,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     index = load_index(spec, root, categories, parse_data_options(args.data_option))
     eval_size = None if args.eval_size == "native" else int(args.eval_size)
-    evaluation = evaluate_maps(maps_dir, index, categories, eval_size, groups=spec.groups,
-                               metric_names=[m.name for m in load_registry().metric_specs(args.dataset)])
+    evaluation = evaluate_maps(maps_dir, index, categories, eval_size,
+                               metrics=load_registry().metric_specs(args.dataset))
     for path in evaluation.extra_files[:20]:
         print(f"warning: {path} matches no test image of {args.dataset}; ignored", file=sys.stderr)
     if len(evaluation.extra_files) > 20:

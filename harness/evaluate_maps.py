@@ -30,7 +30,7 @@ import datetime as _dt
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -196,8 +196,7 @@ def find_extra_files(maps_dir: Path, categories: Iterable[str], expected: set[Pa
 
 
 def evaluate_maps(maps_dir: Path, index: DatasetIndex, categories: Sequence[str] | None = None,
-                  eval_size: int | None = None, groups: Mapping[str, Sequence[str]] | None = None,
-                  metric_names: Sequence[str] = ()) -> MapsEvaluation:
+                  eval_size: int | None = None, metrics: Sequence[Any] = ()) -> MapsEvaluation:
     """Score the maps under ``maps_dir`` against ``index``'s test ground truth, per category.
 
     Parameters
@@ -210,15 +209,13 @@ def evaluate_maps(maps_dir: Path, index: DatasetIndex, categories: Sequence[str]
         Categories to score (default: every category with test images).
     eval_size : int, optional
         Resize maps and masks to this square size; default: the masks' own size.
-    groups : mapping of str to sequence of str, optional
-        Reporting groups (``DatasetSpec.groups``): image AUROC of each group's defect folders
-        with all normal images, as ``image_auroc_<group>``.
-
-    metric_names : sequence of str, optional
-        The dataset's metrics (``registry.metric_specs(dataset)``); of the non-standard ones,
-        ``pixel_aupro_fpr0.05`` and ``image_sample_auroc`` are computed from the streamed data,
-        and ``pixel_segf1`` from the threshold of the validation maps, when the maps folder has
-        them (``<maps>/<category>/validation/good/<stem>.tiff``; NaN with a warning otherwise).
+    metrics : sequence of MetricSpec, optional
+        The dataset's metric specs (``registry.metric_specs(dataset)``). Besides the seven, those
+        that need no maps (``needs_maps=False``: per-group and sample-level AUROC, DICE) are
+        computed from the image scores, keys and samples; ``pixel_aupro_fpr<limit>`` from the
+        streamed curves; ``pixel_segf1`` at the threshold of the validation maps, when the maps
+        folder has them (``<maps>/<category>/validation/good/<stem>.tiff``; NaN with a warning
+        otherwise). Other metrics that need the maps are not computed here.
 
     A category whose samples carry mask channels (MVTec LOCO AD) also gets the sPRO metrics of
     :func:`harness.metrics.spro.spro_metrics`, computed from the same maps.
@@ -235,7 +232,7 @@ def evaluate_maps(maps_dir: Path, index: DatasetIndex, categories: Sequence[str]
     """
     from harness.metrics import MetricAccumulator
     from harness.metrics.spro import SproAccumulator, read_channel, spro_metrics
-    from harness.metrics.segf1 import SegF1Counter
+    from harness.metrics.segf1 import THRESHOLD_METRICS, SegF1Counter
 
     maps_dir = Path(maps_dir)
     if not maps_dir.is_dir():
@@ -275,7 +272,7 @@ def evaluate_maps(maps_dir: Path, index: DatasetIndex, categories: Sequence[str]
                                f"image(s): {', '.join(unlisted[:5])}")
         spro = SproAccumulator() if any(s.channels for s, _ in pairs) else None
         segf1 = None
-        if "pixel_segf1" in metric_names:
+        if any(m.name in THRESHOLD_METRICS for m in metrics):
             threshold = validation_threshold(maps_dir, index, category, eval_size)
             segf1 = SegF1Counter(threshold) if threshold is not None else None
         image_scores: list[float] = []
@@ -304,9 +301,8 @@ def evaluate_maps(maps_dir: Path, index: DatasetIndex, categories: Sequence[str]
         result.metrics[category] = accumulator.compute()
         if spro is not None:
             result.metrics[category].update(spro_metrics(spro))
-        result.metrics[category].update(_streamed_extras(metric_names, accumulator, segf1, [s for s, _ in pairs],
-                                                         image_scores, category))
-        result.metrics[category].update(group_image_auroc([s for s, _ in pairs], image_scores, groups or {}))
+        result.metrics[category].update(_dataset_metrics(metrics, result.metrics[category], accumulator, segf1,
+                                                         [s for s, _ in pairs], image_scores, category))
         result.n_maps += len(pairs)
     return result
 
@@ -336,42 +332,34 @@ def validation_threshold(maps_dir: Path, index: DatasetIndex, category: str, eva
     return moments.threshold()
 
 
-def _streamed_extras(names: Sequence[str], accumulator: Any, segf1: Any, samples: Sequence[Sample],
-                     image_scores: Sequence[float], category: str) -> dict[str, float]:
-    """The dataset metrics that the streamed data give (see :func:`evaluate_maps`)."""
+def _dataset_metrics(specs: Sequence[Any], computed: dict[str, float], accumulator: Any, segf1: Any,
+                     samples: Sequence[Sample], image_scores: Sequence[float], category: str) -> dict[str, float]:
+    """The dataset's own metrics that streamed data give (see :func:`evaluate_maps`)."""
     import warnings
 
     from harness.metrics import CategoryScores, UndefinedMetricWarning
-    from harness.metrics.dataset_metrics import image_sample_auroc
     from harness.metrics.engine import pixel_metrics
+    from harness.metrics.segf1 import THRESHOLD_METRICS
 
+    scores = CategoryScores(np.asarray(image_scores), np.array([s.label for s in samples]), name=category,
+                            keys=[s.key for s in samples], standard=computed, samples=list(samples))
     out: dict[str, float] = {}
-    if "pixel_aupro_fpr0.05" in names:
-        out["pixel_aupro_fpr0.05"] = pixel_metrics(accumulator.pixel_curves(), 0.05)["pixel_aupro"]
-    if "pixel_segf1" in names:
-        if segf1 is None:
-            warnings.warn(f"SegF1 of {category} needs the maps of its validation images "
-                          f"(<maps>/{category}/validation/good/<stem>.tiff); returning NaN", UndefinedMetricWarning,
-                          stacklevel=3)
-            out["pixel_segf1"] = float("nan")
-        else:
-            out["pixel_segf1"] = segf1.value()
-    if "image_sample_auroc" in names:
-        scores = CategoryScores(np.asarray(image_scores), np.array([s.label for s in samples]), name=category,
-                                keys=[s.key for s in samples], standard={})
-        out["image_sample_auroc"] = image_sample_auroc(scores)
-    return out
-
-
-def group_image_auroc(samples: Sequence[Sample], scores: Sequence[float],
-                      groups: Mapping[str, Sequence[str]]) -> dict[str, float]:
-    """``image_auroc_<group>``: each group's anomalous images against all normal ones (exact AUROC)."""
-    from harness.metrics import auroc
-
-    out = {}
-    for group, defects in groups.items():
-        keep = [i for i, s in enumerate(samples) if s.label == 0 or s.defect in defects]
-        out[f"image_auroc_{group}"] = auroc(np.asarray(scores)[keep], np.array([samples[i].label for i in keep]))
+    for spec in specs:
+        if spec.name in computed:
+            continue  # the seven, and sPRO (computed from the mask channels)
+        if spec.name.startswith("pixel_aupro_fpr"):
+            limit = float(spec.name.removeprefix("pixel_aupro_fpr"))
+            out[spec.name] = pixel_metrics(accumulator.pixel_curves(), limit)["pixel_aupro"]
+        elif spec.name in THRESHOLD_METRICS:
+            if segf1 is None:
+                warnings.warn(f"{spec.name} of {category} needs the maps of its validation images "
+                              f"(<maps>/{category}/validation/good/<stem>.tiff); returning NaN", UndefinedMetricWarning,
+                              stacklevel=3)
+                out[spec.name] = float("nan")
+            else:
+                out[spec.name] = segf1.value()
+        elif not spec.needs_maps:
+            out[spec.name] = float(spec.compute(scores))
     return out
 
 

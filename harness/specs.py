@@ -304,8 +304,6 @@ class DatasetSpec:
     default_profile : str
         The profile ``--profile auto`` picks on this dataset (``tiny`` for data made for CPU
         runs, ``paper`` for the real benchmarks).
-    groups : mapping of str to tuple of str
-        Reporting groups (see the attribute).
     options : mapping of str to str
         Loader options and their help (see the attribute).
 
@@ -322,9 +320,6 @@ class DatasetSpec:
     official_counts: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     textures: tuple[str, ...] = ()
     default_profile: str = "paper"
-    #: Reporting groups: ``{group: defect folders}``; each group is scored on its defects together
-    #: with all normal test images (MVTec LOCO AD's logical and structural anomalies).
-    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     #: Options the loader takes as keyword arguments (``--data-option KEY=VALUE``): ``{key: help}``.
     options: Mapping[str, str] = field(default_factory=dict)
 

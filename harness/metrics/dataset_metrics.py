@@ -1,26 +1,28 @@
-"""Metrics that belong to one benchmark's own evaluation: sPRO (MVTec LOCO AD), sample-level
-AUROC (Real-IAD), and MVTec AD 2's AU-PRO at FPR 0.05 and SegF1.
+"""Building blocks of the metrics that belong to one benchmark's own evaluation.
 
-Each is a :class:`harness.MetricSpec` limited to its datasets (``MetricSpec.datasets``), so it
-appears only in their records and tables. Definitions are in each function's docstring.
+The dataset plugins declare their metrics (``harness_metrics`` in their modules, limited to
+their dataset by ``MetricSpec.datasets``) from these functions; the core names no dataset:
+
+- :func:`spro_metric`: AUC-sPRO from the samples' mask channels (MVTec LOCO AD);
+- :func:`group_image_auroc`: image AUROC of some defect folders against all normal images (LOCO's
+  logical and structural anomalies);
+- :func:`sample_image_auroc`: AUROC over samples made of several images (Real-IAD's five views);
+- :func:`pixel_segf1`: SegF1 at a threshold chosen on validation normals (MVTec AD 2);
+- :func:`aupro_at`: AU-PRO to another FPR limit (MVTec AD 2's 0.05).
+
+``harness evaluate`` computes them the same way from maps made elsewhere.
 """
 
 from __future__ import annotations
 
-import re
+import warnings
+from typing import Callable, Sequence
 
 import numpy as np
 
 from harness.metrics.exact import UndefinedMetricWarning, auroc
 from harness.metrics.scores import CategoryScores
-from harness.specs import MetricSpec
-
-LOCO = ("mvtec_loco",)
-REALIAD = ("realiad",)
-AD2 = ("mvtec_ad2",)
-
-# A Real-IAD image stem ends with its camera view and capture time: <object>_C<k>_<time>.
-_VIEW = re.compile(r"^(?P<sample>.+)_C[1-9]_[^_]*$")
+from harness.metrics.segf1 import THRESHOLD_METRICS
 
 
 def _spro(scores: CategoryScores) -> dict[str, float]:
@@ -36,72 +38,55 @@ def _spro(scores: CategoryScores) -> dict[str, float]:
     return cached
 
 
-def pixel_spro(scores: CategoryScores) -> float:
-    """AUC-sPRO up to FPR 0.05, mean of logical and structural anomalies (see :mod:`harness.metrics.spro`)."""
-    return _spro(scores)["pixel_spro"]
+def spro_metric(key: str = "pixel_spro") -> Callable[[CategoryScores], float]:
+    """A ``compute`` giving one value of :func:`harness.metrics.spro.spro_metrics`.
 
-
-def pixel_spro_logical(scores: CategoryScores) -> float:
-    """AUC-sPRO (FPR 0.05) of the logical anomalies scored with all good images."""
-    return _spro(scores).get("pixel_spro_logical", float("nan"))
-
-
-def pixel_spro_structural(scores: CategoryScores) -> float:
-    """AUC-sPRO (FPR 0.05) of the structural anomalies scored with all good images."""
-    return _spro(scores).get("pixel_spro_structural", float("nan"))
-
-
-def _group_auroc(scores: CategoryScores, defect: str) -> float:
-    """Image AUROC of the anomalies of one defect folder against all normal images."""
-    if len(scores.samples) != scores.image_scores.size:
-        raise ValueError(f"image AUROC by anomaly type of {scores.name!r} needs the samples")
-    keep = np.array([s.label == 0 or s.defect == defect for s in scores.samples])
-    return auroc(scores.image_scores[keep], scores.labels[keep])
-
-
-def image_auroc_logical(scores: CategoryScores) -> float:
-    """Image AUROC of MVTec LOCO AD's logical anomalies against all good images (the paper's split)."""
-    return _group_auroc(scores, "logical_anomalies")
-
-
-def image_auroc_structural(scores: CategoryScores) -> float:
-    """Image AUROC of MVTec LOCO AD's structural anomalies against all good images."""
-    return _group_auroc(scores, "structural_anomalies")
-
-
-def sample_groups(keys) -> list[str]:
-    """The object each Real-IAD image belongs to: its key without ``_C<view>_<time>`` (else the key)."""
-    out = []
-    for key in keys:
-        head, _, stem = str(key).rpartition("/")
-        match = _VIEW.match(stem)
-        out.append(f"{head.split('/')[0]}/{match.group('sample')}" if match else str(key))
-    return out
-
-
-def image_sample_auroc(scores: CategoryScores) -> float:
-    """Real-IAD's sample-level AUROC: the five views of one object are one sample.
-
-    Definition (Real-IAD paper, Sec. 4 "multi-view" setting): a sample is anomalous when any of
-    its views is; its score is the maximum of its views' image scores; the AUROC is the exact
-    ROC area over samples (ties count half). Views are grouped by their file stem without the
-    camera and time suffix (``audiojack_0025_NG_AK`` for ``..._C1_<time>`` to ``..._C5_<time>``).
+    ``key``: ``pixel_spro`` (FPR 0.05, mean over the anomaly folders, each with all normal
+    images), ``pixel_spro_<folder without _anomalies>`` or ``pixel_spro_fpr<limit>``.
     """
-    groups = sample_groups(scores.keys)
-    if len(groups) != scores.image_scores.size:
-        raise ValueError(f"sample-level AUROC of {scores.name!r} needs the sample keys")
-    names, inverse = np.unique(np.asarray(groups), return_inverse=True)
-    best = np.full(names.size, -np.inf)
-    np.maximum.at(best, inverse, scores.image_scores)
-    label = np.zeros(names.size, dtype=bool)
-    np.logical_or.at(label, inverse, scores.labels)
-    return auroc(best, label)
+    def compute(scores: CategoryScores) -> float:
+        return _spro(scores).get(key, float("nan"))
+
+    compute.__doc__ = f"``{key}`` of :func:`harness.metrics.spro.spro_metrics`."
+    return compute
+
+
+def group_image_auroc(defects: Sequence[str]) -> Callable[[CategoryScores], float]:
+    """A ``compute``: image AUROC of the images of ``defects`` (folders) against all normal images."""
+    wanted = tuple(defects)
+
+    def compute(scores: CategoryScores) -> float:
+        if len(scores.samples) != scores.image_scores.size:
+            raise ValueError(f"image AUROC by anomaly type of {scores.name!r} needs the samples")
+        keep = np.array([s.label == 0 or s.defect in wanted for s in scores.samples])
+        return auroc(scores.image_scores[keep], scores.labels[keep])
+
+    compute.__doc__ = f"Image AUROC of {', '.join(wanted)} against all normal images."
+    return compute
+
+
+def sample_image_auroc(sample_of: Callable[[str], str]) -> Callable[[CategoryScores], float]:
+    """A ``compute``: AUROC over samples of several images (e.g. the views of one object).
+
+    ``sample_of(key)`` names the sample an image belongs to. A sample is anomalous when any of its
+    images is; its score is the maximum of its images' scores; the AUROC is exact (ties half).
+    """
+    def compute(scores: CategoryScores) -> float:
+        if len(scores.keys) != scores.image_scores.size:
+            raise ValueError(f"sample-level AUROC of {scores.name!r} needs the sample keys")
+        names, inverse = np.unique(np.asarray([sample_of(k) for k in scores.keys]), return_inverse=True)
+        best = np.full(names.size, -np.inf)
+        np.maximum.at(best, inverse, scores.image_scores)
+        label = np.zeros(names.size, dtype=bool)
+        np.logical_or.at(label, inverse, scores.labels)
+        return auroc(best, label)
+
+    compute.__doc__ = "AUROC over samples: max of their images' scores, anomalous when any image is."
+    return compute
 
 
 def pixel_segf1(scores: CategoryScores) -> float:
-    """MVTec AD 2's SegF1 at the threshold chosen on validation normals (see :mod:`harness.metrics.segf1`)."""
-    import warnings
-
+    """SegF1 at the threshold chosen on validation normals (see :mod:`harness.metrics.segf1`)."""
     from harness.metrics.segf1 import segf1
 
     if scores.validation_threshold is None:
@@ -113,34 +98,15 @@ def pixel_segf1(scores: CategoryScores) -> float:
     return segf1(scores.maps, scores.masks, scores.validation_threshold)
 
 
-def pixel_aupro_05(scores: CategoryScores) -> float:
-    """AU-PRO up to FPR 0.05, normalised by 0.05 (MVTec AD 2's localisation metric).
+def aupro_at(limit: float) -> Callable[[CategoryScores], float]:
+    """A ``compute``: AU-PRO to FPR ``limit``, normalised by it (the MVTec AD definition otherwise)."""
+    def compute(scores: CategoryScores) -> float:
+        from harness.metrics.exact import aupro_from_curve
 
-    The MVTec AD definition of AUPRO (8-connected regions, FPR over defect-free pixels, trapezoid
-    with interpolation at the limit) with the FPR limit 0.05 that the MVTec AD 2 paper reports.
-    """
-    from harness.metrics.exact import aupro_from_curve
+        return aupro_from_curve(scores.region_curve, limit)
 
-    return aupro_from_curve(scores.region_curve, 0.05)
+    compute.__doc__ = f"AU-PRO up to FPR {limit:g}, normalised by {limit:g}."
+    return compute
 
 
-DATASET_METRICS = (
-    MetricSpec("image_auroc_logical", "image", True, image_auroc_logical, "I-AUROC-log", datasets=LOCO,
-               needs_maps=False, description="image AUROC, logical anomalies with all good images"),
-    MetricSpec("image_auroc_structural", "image", True, image_auroc_structural, "I-AUROC-str", datasets=LOCO,
-               needs_maps=False, description="image AUROC, structural anomalies with all good images"),
-    MetricSpec("pixel_spro", "pixel", True, pixel_spro, "P-sPRO", datasets=LOCO,
-               description="AUC-sPRO up to FPR 0.05 (MVTec LOCO AD), mean of logical and structural"),
-    MetricSpec("pixel_spro_logical", "pixel", True, pixel_spro_logical, "P-sPRO-log", datasets=LOCO,
-               description="AUC-sPRO up to FPR 0.05, logical anomalies with all good images"),
-    MetricSpec("pixel_spro_structural", "pixel", True, pixel_spro_structural, "P-sPRO-str", datasets=LOCO,
-               description="AUC-sPRO up to FPR 0.05, structural anomalies with all good images"),
-    MetricSpec("image_sample_auroc", "image", True, image_sample_auroc, "S-AUROC", datasets=REALIAD,
-               needs_maps=False, description="Real-IAD sample-level AUROC: max over an object's views"),
-    MetricSpec("pixel_segf1", "pixel", True, pixel_segf1, "SegF1", datasets=AD2,
-               description="MVTec AD 2 SegF1: pixel F1 at mean + 3 std of the validation maps"),
-    MetricSpec("pixel_aupro_fpr0.05", "pixel", True, pixel_aupro_05, "P-AUPRO@5%", datasets=AD2,
-               description="AU-PRO up to FPR 0.05 (MVTec AD 2)"),
-)
-
-__all__ = ["DATASET_METRICS", "UndefinedMetricWarning", "image_sample_auroc", "pixel_spro", "sample_groups"]
+__all__ = ["THRESHOLD_METRICS", "aupro_at", "group_image_auroc", "pixel_segf1", "sample_image_auroc", "spro_metric"]

@@ -27,7 +27,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from harness import CategoryData, DatasetIndex, DatasetSpec, Sample, hookimpl
+from harness import CategoryData, DatasetIndex, DatasetSpec, MetricSpec, Sample, hookimpl
+from harness.metrics.dataset_metrics import aupro_at, pixel_segf1
 from harness_benchmarks.layout import (NORMAL, check_root_extras, env_root, key, pair_masks, scan_images,
                                        select_categories)
 
@@ -122,3 +123,12 @@ def harness_datasets():
     return [DatasetSpec(name=NAME, categories=CATEGORIES, loader=load_mvtec_ad2,
                         find_root=env_root(NAME, "HARNESS_DATA_MVTEC_AD2"),
                         description="MVTec AD 2: 8 categories, public test set scored; private sets exported only")]
+
+
+@hookimpl
+def harness_metrics():
+    """MVTec AD 2's SegF1 (validation threshold) and AU-PRO to FPR 0.05."""
+    return [MetricSpec("pixel_segf1", "pixel", True, pixel_segf1, "SegF1", datasets=(NAME,),
+                       description="MVTec AD 2 SegF1: pixel F1 at mean + 3 std of the validation maps"),
+            MetricSpec("pixel_aupro_fpr0.05", "pixel", True, aupro_at(0.05), "P-AUPRO@5%", datasets=(NAME,),
+                       description="AU-PRO to FPR 0.05 (MVTec AD 2)")]

@@ -30,7 +30,8 @@ from typing import Sequence
 
 import numpy as np
 
-from harness import CategoryData, DatasetIndex, DatasetSpec, MaskChannel, Sample, hookimpl
+from harness import CategoryData, DatasetIndex, DatasetSpec, MaskChannel, MetricSpec, Sample, hookimpl
+from harness.metrics.dataset_metrics import group_image_auroc, spro_metric
 from harness.errors import DatasetError
 from harness_benchmarks.layout import (NORMAL, check_root_extras, env_root, is_image, key, scan_images,
                                        select_categories)
@@ -41,7 +42,8 @@ CATEGORIES = ("breakfast_box", "juice_bottle", "pushpins", "screw_bag", "splicin
 
 LOGICAL, STRUCTURAL = "logical_anomalies", "structural_anomalies"
 
-#: Reporting groups: each anomaly type is scored with all good test images (the official evaluation).
+#: Reporting groups: each anomaly type is scored with all good test images (the official evaluation);
+#: the leaderboard shows LOCO by them through the metrics of :func:`harness_metrics`.
 GROUPS = {"logical": (LOGICAL,), "structural": (STRUCTURAL,)}
 
 #: (train, validation, test good, test logical, test structural), from the dataset paper (Table 1).
@@ -175,5 +177,21 @@ def load_mvtec_loco(root: Path | str | None, categories: Sequence[str] | None = 
 def harness_datasets():
     """Register MVTec LOCO AD."""
     return [DatasetSpec(name=NAME, categories=CATEGORIES, loader=load_mvtec_loco,
-                        find_root=env_root(NAME, "HARNESS_DATA_MVTEC_LOCO"), official_counts=OFFICIAL, groups=GROUPS,
+                        find_root=env_root(NAME, "HARNESS_DATA_MVTEC_LOCO"), official_counts=OFFICIAL,
                         description="MVTec LOCO AD: 5 categories, logical and structural anomalies (sPRO)")]
+
+
+@hookimpl
+def harness_metrics():
+    """The official evaluation's metrics, and image AUROC per anomaly type (the reporting groups)."""
+    specs = [MetricSpec("pixel_spro", "pixel", True, spro_metric("pixel_spro"), "P-sPRO", datasets=(NAME,),
+                        description="AUC-sPRO to FPR 0.05 (MVTec LOCO AD), mean of logical and structural")]
+    for group, folders in GROUPS.items():
+        short = group[:3]
+        specs.append(MetricSpec(f"image_auroc_{group}", "image", True, group_image_auroc(folders),
+                                f"I-AUROC-{short}", datasets=(NAME,), needs_maps=False,
+                                description=f"image AUROC, {group} anomalies with all good images"))
+        specs.append(MetricSpec(f"pixel_spro_{group}", "pixel", True, spro_metric(f"pixel_spro_{group}"),
+                                f"P-sPRO-{short}", datasets=(NAME,),
+                                description=f"AUC-sPRO to FPR 0.05, {group} anomalies with all good images"))
+    return specs

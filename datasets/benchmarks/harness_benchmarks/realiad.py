@@ -26,7 +26,8 @@ Options (``--data-option KEY=VALUE``):
 
 The five camera views of one object (``..._C1_...`` to ``..._C5_...``, one folder ``S<id>``)
 form a sample; :func:`sample_id` recovers it from a key, and the metric ``image_sample_auroc``
-(:mod:`harness.metrics.sample_level`) scores samples as the Real-IAD paper does.
+scores samples as the Real-IAD paper does: a sample is anomalous when any of its views is, its
+score is the maximum of its views' scores, and the AUROC is taken over samples.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from harness import CategoryData, DatasetIndex, DatasetSpec, Sample, hookimpl
+from harness import CategoryData, DatasetIndex, DatasetSpec, MetricSpec, Sample, hookimpl
+from harness.metrics.dataset_metrics import sample_image_auroc
 from harness.errors import DatasetError
 from harness_benchmarks.layout import NORMAL, env_root, key, layout_error
 
@@ -198,3 +200,11 @@ def harness_datasets():
     return [DatasetSpec(name=NAME, categories=CATEGORIES, loader=load_realiad,
                         find_root=env_root(NAME, "HARNESS_DATA_REALIAD"), options=OPTIONS,
                         description="Real-IAD: 30 categories, 5 views per object")]
+
+
+@hookimpl
+def harness_metrics():
+    """Real-IAD's sample-level AUROC (the five views of an object are one sample)."""
+    return [MetricSpec("image_sample_auroc", "image", True, sample_image_auroc(sample_id), "S-AUROC",
+                       datasets=(NAME,), needs_maps=False,
+                       description="Real-IAD sample-level AUROC: max over an object's views, anomalous if any is")]
