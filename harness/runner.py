@@ -235,10 +235,10 @@ class JobRunner:
                 record.metrics.update(evaluator.evaluate(method, tests, planned.job.method, thresholds))
                 unscored = {c: planned.unscored[c] for c in unit.test_categories if c in planned.unscored}
                 if unscored:
-                    from harness.unscored import write_unscored
+                    from harness.unscored import add_unscored, write_unscored
 
-                    record.artifacts.update(write_unscored(evaluator, method, unscored, thresholds,
-                                                           planned.record_path))
+                    add_unscored(record.artifacts, write_unscored(evaluator, method, unscored, thresholds,
+                                                                  planned.record_path))
                 del method
             record.efficiency.update(evaluator.efficiency())
             for sink in sinks:

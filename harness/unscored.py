@@ -91,4 +91,16 @@ def write_unscored(evaluator: Any, method: Any, samples: Mapping[str, Sequence[S
                                         f"{THRESHOLDED}/<category>/<split>/<stem>.png (>= validation threshold)"}}
 
 
-__all__ = ["MAPS", "THRESHOLDED", "UNSCORED_SUFFIX", "unscored_folder", "unscored_path", "write_maps", "write_unscored"]
+def add_unscored(artifacts: dict[str, Any], new: Mapping[str, Any]) -> None:
+    """Merge one fit unit's ``unscored_maps`` into the record's artifacts (oneclass: a unit per category)."""
+    info = new["unscored_maps"]
+    current = artifacts.get("unscored_maps")
+    if current is None:
+        artifacts["unscored_maps"] = info
+        return
+    current["counts"].update(info["counts"])
+    current["thresholds"].update(info["thresholds"])
+
+
+__all__ = ["MAPS", "THRESHOLDED", "UNSCORED_SUFFIX", "add_unscored", "unscored_folder", "unscored_path", "write_maps",
+           "write_unscored"]

@@ -25,7 +25,7 @@ from harness_benchmarks import mvtec_ad2, mvtec_loco, realiad  # noqa: E402
 from harness.registry import load_registry  # noqa: E402
 
 
-def _run(tmp_path, run_options, name, module, builder, seed=0):
+def _run(tmp_path, run_options, name, module, builder, seed=0, protocol="multiclass"):
     from toy_plugins import ToyPlugin
 
     from harness.jobs import expand_jobs
@@ -35,7 +35,7 @@ def _run(tmp_path, run_options, name, module, builder, seed=0):
     builder(root, random.Random(seed))
     registry = load_registry(entry_points=[], extra_plugins=[("toy", ToyPlugin()), (name, module)])
     run_options.data_roots = {name: root}
-    jobs = expand_jobs(["meanimage"], [name], "multiclass", None, [0], {name: "tiny"})
+    jobs = expand_jobs(["meanimage"], [name], protocol, None, [0], {name: "tiny"})
     summary = Runner(registry, run_options).run(jobs)
     assert [o.status for o in summary.outcomes] == ["ok"], summary.describe()
     return root, summary.outcomes[0]
@@ -69,6 +69,14 @@ def test_mvtec_ad2_scores_the_public_set_and_exports_the_private_ones(tmp_path, 
                                            f"{stem}.png"))
             assert set(np.unique(binary)) <= {0, 255}
     assert not (out / "can" / "test_private").exists()
+
+
+def test_mvtec_ad2_oneclass_writes_the_private_maps_of_every_category(tmp_path, run_options):
+    root, outcome = _run(tmp_path, run_options, "mvtec_ad2", mvtec_ad2, R.build_mvtec_ad2, protocol="oneclass")
+    index = mvtec_ad2.load_mvtec_ad2(root)
+    unscored = outcome.record["artifacts"]["unscored_maps"]
+    assert unscored["counts"] == {c: len(cat.unscored) for c, cat in index.categories.items()}
+    assert set(unscored["thresholds"]) == set(index.categories)
 
 
 def test_segf1_threshold_comes_from_validation_normals_only():
