@@ -213,6 +213,10 @@ class JobRunner:
         sinks: list[MapSink] = list(self.sinks(planned)) if self.sinks is not None else []
         evaluator = Evaluator(planned.job.dataset, metrics, planned.eval_size, self.device, self.images, self.progress,
                               self.options.latency_repeats, sinks, grid=planned.grid)
+        if planned.unscored:
+            from harness.unscored import reset_unscored
+
+            reset_unscored(planned.record_path)
         try:
             for unit in planned.units:
                 phase = "build"

@@ -91,6 +91,13 @@ def write_unscored(evaluator: Any, method: Any, samples: Mapping[str, Sequence[S
                                         f"{THRESHOLDED}/<category>/<split>/<stem>.png (>= validation threshold)"}}
 
 
+def reset_unscored(record_path: Path) -> None:
+    """Remove the unscored maps a previous run of the job left (a rerun writes them all again)."""
+    import shutil
+
+    shutil.rmtree(unscored_folder(record_path), ignore_errors=True)
+
+
 def add_unscored(artifacts: dict[str, Any], new: Mapping[str, Any]) -> None:
     """Merge one fit unit's ``unscored_maps`` into the record's artifacts (oneclass: a unit per category)."""
     info = new["unscored_maps"]
@@ -102,5 +109,5 @@ def add_unscored(artifacts: dict[str, Any], new: Mapping[str, Any]) -> None:
     current["thresholds"].update(info["thresholds"])
 
 
-__all__ = ["MAPS", "THRESHOLDED", "UNSCORED_SUFFIX", "add_unscored", "unscored_folder", "unscored_path", "write_maps",
+__all__ = ["MAPS", "THRESHOLDED", "UNSCORED_SUFFIX", "add_unscored", "reset_unscored", "unscored_folder", "unscored_path", "write_maps",
            "write_unscored"]

@@ -157,3 +157,14 @@ def test_run_passes_data_options_to_the_loader(tmp_path, run_options, monkeypatc
     assert harness.cli.main(["run", "--methods", "meanimage", "--datasets", "realiad", "--data-root", str(root),
                              "--data-option", "colour=red", "--dry-run"]) == 2
     assert "--data-option colour: no dataset of this run takes it" in capsys.readouterr().err
+
+
+def test_a_forced_rerun_leaves_no_stale_private_map(tmp_path, run_options):
+    from harness.unscored import unscored_folder
+
+    root, outcome = _run(tmp_path, run_options, "mvtec_ad2", mvtec_ad2, R.build_mvtec_ad2)
+    stale = unscored_folder(outcome.record_path) / "anomaly_images" / "can" / "test_private" / "gone.tiff"
+    stale.write_bytes(b"old")
+    run_options.force = True
+    _, again = _run(tmp_path / "again", run_options, "mvtec_ad2", mvtec_ad2, R.build_mvtec_ad2)
+    assert again.record_path == outcome.record_path and not stale.exists()
