@@ -422,6 +422,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     formats = _split(args.format) or ["markdown"]
     metrics = load_registry().metric_specs()
     warn = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    if args.paper or args.table:
+        return _paper_table(args, results, reported, formats, metrics)
     if args.out:
         for path in write_leaderboard(Path(args.results_dir), Path(args.out), formats=formats, reported_dir=reported,
                                       metrics=metrics, warn=warn):
@@ -430,6 +432,22 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     for fmt in formats:
         print(build_leaderboard(Path(args.results_dir), reported_dir=reported, fmt=fmt, per_category=not args.summary_only,
                                 metrics=metrics, warn=warn))
+    return 0
+
+
+def _paper_table(args: argparse.Namespace, results: Path, reported: Path | None, formats: list[str],
+                 metrics: list) -> int:
+    """``harness leaderboard --paper NAME [--table N]``: one paper's table as published, ours beside it."""
+    from harness.paper_tables import paper_section
+
+    if not args.paper:
+        raise UsageError("--table needs --paper NAME (DiAD, DiffusionAD, LafitE, AnomalySD)")
+    if args.out:
+        raise UsageError("--paper prints its table; leave out --out (redirect the output to a file instead)")
+    if reported is None:
+        raise UsageError("--paper needs the papers' numbers: leave out --no-reported, or give --reported-dir")
+    for fmt in formats:
+        print(paper_section(args.paper, args.table, results, reported, fmt=fmt, metrics=metrics))
     return 0
 
 
@@ -613,6 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--reported-dir", default=None, help="folder of the papers' reported numbers (CSV)")
     board.add_argument("--no-reported", action="store_true", help="leave the papers' reported numbers out")
     board.add_argument("--summary-only", action="store_true", help="no per-category tables")
+    board.add_argument("--paper", default=None,
+                       help="one paper's tables as published, ours beside them: DiAD, DiffusionAD, LafitE, AnomalySD")
+    board.add_argument("--table", default=None, help="with --paper: the table (1, 'Table 1', 'arXiv Table 5'); "
+                                                     "without it the paper's tables are listed")
     board.set_defaults(func=cmd_leaderboard)
 
     evaluate = sub.add_parser("evaluate", help="score anomaly maps made elsewhere (MVTec evaluation layout)")

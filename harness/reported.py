@@ -28,6 +28,25 @@ from harness.errors import HarnessWarning
 REPORTED_COLUMNS = ("paper", "table", "method", "dataset", "protocol", "shots", "category", "metric", "value")
 _TEXT_COLUMNS = ("paper", "table", "method", "dataset", "protocol", "category", "metric")
 
+#: Every method name the CSV files may use, with the label the papers print. One name per method,
+#: the one its harness plugin registers (``stfpm``, never ``stpm``; ``csflow``, never ``cs-flow``),
+#: so a reported row and our records of the same method meet under one name.
+REPORTED_METHODS: dict[str, str] = {
+    "anoddpm": "AnoDDPM", "anomalydino": "AnomalyDINO", "anomalysd": "AnomalySD", "cfa": "CFA",
+    "cflow": "CFLOW", "csflow": "CS-Flow", "cutpaste": "CutPaste", "ddpm": "DDPM", "diad": "DiAD",
+    "diffnet": "DiffNet", "diffusionad": "DiffusionAD", "dinomaly": "Dinomaly", "draem": "DRAEM", "dsr": "DSR",
+    "efficientad": "EfficientAD", "fastflow": "FastFlow", "favae": "FAVAE", "glass": "GLASS",
+    "inpformer": "INP-Former", "lafite": "LafitE", "ldm": "LDM", "mkd": "MKD", "padim": "PaDiM",
+    "patchcore": "PatchCore", "patchsvdd": "PatchSVDD", "rd4ad": "RD4AD", "regad": "RegAD",
+    "sd": "SD", "spade": "SPADE", "spd": "SPD", "stfpm": "STFPM", "supersimplenet": "SuperSimpleNet",
+    "tdg": "TDG", "uniad": "UniAD", "uninet": "UniNet", "winclip": "WinCLIP",
+}
+
+
+def method_label(name: str) -> str:
+    """The printed label of a method name (the name itself when it is not a reported one)."""
+    return REPORTED_METHODS.get(name, name)
+
 
 def empty_reported() -> pd.DataFrame:
     """An empty frame with the columns and dtypes :func:`load_reported` returns.
@@ -41,17 +60,17 @@ def empty_reported() -> pd.DataFrame:
     return _typed(frame)
 
 
-def _typed(frame: pd.DataFrame) -> pd.DataFrame:
-    """Give text columns ``object`` dtype, ``shots`` ``Int64`` and ``value`` ``float``."""
+def _typed(frame: pd.DataFrame, extra: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Give text columns ``object`` dtype, ``shots`` ``Int64`` and ``value`` ``float``; keep ``extra``."""
     frame = frame.copy()
     for name in _TEXT_COLUMNS:
         frame[name] = frame[name].astype(object)
     frame["shots"] = frame["shots"].astype("Int64")
     frame["value"] = frame["value"].astype(float)
-    return frame[list(REPORTED_COLUMNS)]
+    return frame[list(REPORTED_COLUMNS) + [c for c in extra if c in frame.columns]]
 
 
-def _read_one(path: Path) -> pd.DataFrame | None:
+def _read_one(path: Path, keep_text: bool = False) -> pd.DataFrame | None:
     """Read one CSV; ``None`` (with a warning) when it lacks a required column."""
     raw = pd.read_csv(path, dtype=str, keep_default_na=False)
     raw.columns = [str(c).strip() for c in raw.columns]
@@ -68,11 +87,12 @@ def _read_one(path: Path) -> pd.DataFrame | None:
         lines = ", ".join(str(int(i) + 2) for i in raw.index[bad][:10])
         warnings.warn(f"{path}: skipped {int(bad.sum())} row(s) with a non-numeric value or shots (line {lines}); "
                       "fix or delete those rows", HarnessWarning, stacklevel=3)
-    raw = raw.assign(shots=shots, value=values)[~bad]
-    return _typed(raw)
+    # "text" is the value as printed ("100", "97.0"): a paper's table is shown with its own digits.
+    raw = raw.assign(shots=shots, value=values, text=raw["value"])[~bad]
+    return _typed(raw, ("text",) if keep_text else ())
 
 
-def load_reported(reported_dir: Path | str | None) -> pd.DataFrame:
+def load_reported(reported_dir: Path | str | None, keep_text: bool = False) -> pd.DataFrame:
     """Every reported number from the CSV files in ``reported_dir``.
 
     Parameters
@@ -80,6 +100,8 @@ def load_reported(reported_dir: Path | str | None) -> pd.DataFrame:
     reported_dir : path or None
         Folder of CSV files (``results/reported``). ``None`` or a missing folder gives an
         empty frame.
+    keep_text : bool
+        Add a column ``text``: each value exactly as written in its file.
 
     Returns
     -------
@@ -87,12 +109,13 @@ def load_reported(reported_dir: Path | str | None) -> pd.DataFrame:
         Columns ``paper, table, method, dataset, protocol, shots, category, metric, value``;
         ``shots`` is nullable ``Int64`` (NA unless few-shot) and ``value`` is in percent.
     """
+    empty = empty_reported().assign(text=pd.Series(dtype=object)) if keep_text else empty_reported()
     if reported_dir is None or not Path(reported_dir).is_dir():
-        return empty_reported()
-    frames = [_read_one(path) for path in sorted(Path(reported_dir).glob("*.csv"))]
+        return empty
+    frames = [_read_one(path, keep_text) for path in sorted(Path(reported_dir).glob("*.csv"))]
     frames = [f for f in frames if f is not None and not f.empty]
     if not frames:
-        return empty_reported()
+        return empty
     return pd.concat(frames, ignore_index=True)
 
 

@@ -92,6 +92,14 @@ def test_method_identifiers(reported):
     assert not bad
 
 
+def test_method_names_are_canonical(reported):
+    """One name per method (``stfpm``, ``csflow``): the names the harness's plugins register."""
+    from harness.reported import REPORTED_METHODS
+
+    unknown = sorted(set(reported["method"]) - set(REPORTED_METHODS))
+    assert not unknown, f"not in harness.reported.REPORTED_METHODS: {unknown}"
+
+
 def test_categories(reported):
     for dataset, cats in CATEGORIES.items():
         used = set(reported.loc[reported["dataset"] == dataset, "category"])

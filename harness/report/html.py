@@ -229,6 +229,7 @@ def build_report(results_dir: Path | str, out: Path | str, reported_dir: Path | 
             _fewshot(page, {g: groups[g] for g in keys}, dataset, dataset_specs, palette)
         for key in keys:
             _group(page, key, groups[key], dataset_specs, palette, result.warnings)
+    _paper_tables(page, results_dir, reported_dir, specs, result.warnings)
     _failures(page, failed)
     for line in result.warnings:
         if warn is not None:
@@ -251,6 +252,23 @@ def _tables(page: _Page, results_dir: Path, reported_dir: Any, dataset: str, pro
     fragment = build_leaderboard(results_dir, reported_dir=reported_dir, fmt="html", per_category=True,
                                  groups={(dataset, protocol)}, metrics=specs, warn=lambda _line: None)
     page.add(f'<details open><summary>Tables</summary><div class="leaderboard">{fragment}</div></details>')
+
+
+def _paper_tables(page: _Page, results_dir: Path, reported_dir: Any, specs: Sequence[MetricSpec],
+                  warnings: list[str]) -> None:
+    """Each paper's table in which we have numbers, as ``harness leaderboard --paper`` prints it."""
+    from harness.paper_tables import render_paper_table, tables_with_ours
+
+    if reported_dir is None:
+        return
+    tables = tables_with_ours(results_dir, reported_dir, specs, warn=warnings.append)
+    if not tables:
+        return
+    page.toc.append(("paper-tables", "The papers' tables beside ours"))
+    page.add('<h2 id="paper-tables">The papers\' tables beside ours</h2><p class="note">Published numbers as '
+             "transcribed in results/reported; our columns are means over seeds, &Delta; = ours &minus; published.</p>")
+    for table in tables:
+        page.add(f'<div class="leaderboard">{render_paper_table(table, "html")}</div>')
 
 
 def _means_by_variant(entries: Sequence[_Entry]) -> dict[str, list[_Entry]]:

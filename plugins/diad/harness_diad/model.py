@@ -122,7 +122,7 @@ class DiAD(Method):
                              f"not {s.pixel_normalization!r}")
         self.arch = arch if arch is not None else architecture(s.architecture)
         self.unet = UNet2DConditionModel(**self.arch.unet)
-        self.sg = SemanticGuidedNetwork(self.arch.unet, self.arch.hint_channels, s.only_mid_control)
+        self.sg = self._build_guidance()
         self.vae = AutoencoderKL(**self.arch.vae)
         self.context = PromptContext(CLIP_LENGTH, self.arch.context_dim)
         self.backbone = create_features(s.backbone, s.backbone_layers)
@@ -131,7 +131,12 @@ class DiAD(Method):
         if s.gradient_checkpointing:
             # The authors' diad.yaml sets use_checkpoint: True for both UNets (recomputation: same numbers).
             self.unet.enable_gradient_checkpointing()
-            self.sg.controlnet.enable_gradient_checkpointing()
+            if self.sg is not None:
+                self.sg.controlnet.enable_gradient_checkpointing()
+
+    def _build_guidance(self) -> SemanticGuidedNetwork | None:
+        """The SG network (with SFF); the LDM baseline, which has none, returns None."""
+        return SemanticGuidedNetwork(self.arch.unet, self.arch.hint_channels, self.settings.only_mid_control)
 
     def networks(self) -> Mapping[str, torch.nn.Module]:
         """SD UNet, SG network (with SFF), autoencoder, feature extractor, prompt context."""
@@ -190,7 +195,7 @@ class DiAD(Method):
         start = time.perf_counter()
         self._initialise(train, context)
         info: dict[str, Any] = {}
-        if s.authors_checkpoint and not context.random_weights:
+        if s.get("authors_checkpoint") and not context.random_weights:
             info["trained"] = "no: the authors' checkpoint is scored as it is"
         else:
             info.update(self.finetune_autoencoder(train, context))
@@ -208,7 +213,7 @@ class DiAD(Method):
         info = context.info
         random = context.random_weights
         seed = int(context.seed)
-        if s.authors_checkpoint and not random:
+        if s.get("authors_checkpoint") and not random:
             path = context.weights.resolve(weightfiles.authors_file(s), s)
             self.load_authors_checkpoint(path)
             info.update({"init": "authors_checkpoint", "authors_checkpoint": str(path)})
@@ -240,9 +245,10 @@ class DiAD(Method):
                 info.update({"ae_init": str(path), "ae_init_loss_tensors": len(converted.loss)})
             else:
                 info["ae_init"] = "the SD autoencoder above" if not random else "random"
-            # The authors' build_model.py: the SG copy starts from SD's encoder; the rest is new.
-            self.sg.reset_new_parts(seed)
-            self.sg.copy_unet_encoder(self.unet)
+            if self.sg is not None:  # the LDM baseline (harness_diad.baselines) has none
+                # The authors' build_model.py: the SG copy starts from SD's encoder; the rest is new.
+                self.sg.reset_new_parts(seed)
+                self.sg.copy_unet_encoder(self.unet)
             self.context.embedding.copy_(empty_prompt_context(text).to(self.context.embedding))
             del text
         self._initialise_backbone(train, context)
@@ -389,17 +395,15 @@ class DiAD(Method):
         epochs, accumulate, batch = context.epochs(s.epochs), s.grad_accumulation, s.train_batch_size
         self.vae.eval().requires_grad_(False)
         self.backbone.eval().requires_grad_(False)
-        params = list(self.sg.parameters()) + freeze_unet_encoder(self.unet)
-        self.sg.train().requires_grad_(True)
-        self.unet.train()
+        params = self._denoiser_parameters()
         opt = torch.optim.AdamW(params, lr=s.lr)
         scaler = grad_scaler(self.device, s.precision)
         gen = torch.Generator(device=self.device).manual_seed(int(context.seed) + 2)
         n_batches = -(-len(train) // batch)
         last = float("nan")
         # The UNet's frozen parts are rebuilt identically by _initialise; the checkpoint keeps what changes.
-        with context.checkpoint.stage("denoiser", sg=self.sg, unet_trained=trained_unet_parts(self.unet),
-                                      vae=self.vae, dn_optimiser=opt, dn_scaler=scaler, dn_generator=gen) as position:
+        with context.checkpoint.stage("denoiser", **self._denoiser_state(), vae=self.vae, dn_optimiser=opt,
+                                      dn_scaler=scaler, dn_generator=gen) as position:
             moments = self._posterior_moments(train) if position.epoch < epochs and not position.done else None
             stop = False
             for epoch in context.progress.epochs(epochs, desc="diad denoiser"):
@@ -432,10 +436,22 @@ class DiAD(Method):
                             break
             position.extra.update(steps=position.steps, final_loss=position.extra.get("final_loss", last))
         self.unet.requires_grad_(False)
-        self.sg.requires_grad_(False)
+        if self.sg is not None:
+            self.sg.requires_grad_(False)
         extra = position.extra
         return {"epochs": epochs, "steps": int(extra.get("steps", position.steps)), "train_batch_size": batch,
                 "grad_accumulation": accumulate, "final_loss": round(float(extra.get("final_loss", float("nan"))), 5)}
+
+    def _denoiser_parameters(self) -> list[torch.nn.Parameter]:
+        """Put the denoiser in train mode and return what stage 2 trains: the SG network and the SD decoder."""
+        params = list(self.sg.parameters()) + freeze_unet_encoder(self.unet)
+        self.sg.train().requires_grad_(True)
+        self.unet.train()
+        return params
+
+    def _denoiser_state(self) -> dict[str, torch.nn.Module]:
+        """The modules stage 2 changes, for its checkpoint (the UNet's frozen parts are rebuilt by ``_initialise``)."""
+        return {"sg": self.sg, "unet_trained": trained_unet_parts(self.unet)}
 
     @torch.no_grad()
     def _posterior_moments(self, train: TrainSet) -> torch.Tensor:
