@@ -158,6 +158,10 @@ class AnomalibMethod(Method):
                          pre_processor=self.pre_processor(cls), post_processor=False, evaluator=False,
                          visualizer=False)
         self.weight_calls = list(calls)
+        if self.variant.toy_width and int(self.settings["toy_width"]):
+            from harness_anomalib.hooks import shrink
+
+            shrink(module, self.variant, int(self.settings["toy_width"]))
         # The adapter applies the transform itself; the module's callbacks (its pre-processor)
         # must not transform a batch a second time.
         module.configure_callbacks = lambda: []
@@ -224,8 +228,10 @@ class AnomalibMethod(Method):
         transform = self.transform
 
         def collate(items):
-            images = torch.stack([image for image, _ in items])
-            return ImageBatch(image=transform(images))
+            # Normal images only: label 0 and an empty mask (models with a supervised mode read them).
+            images = transform(torch.stack([image for image, _ in items]))
+            return ImageBatch(image=images, gt_label=torch.zeros(images.shape[0], dtype=torch.long),
+                              gt_mask=torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool))
 
         generator = torch.Generator().manual_seed(int(torch.initial_seed()) % 2**63)
         return torch.utils.data.DataLoader(_ItemView(train), batch_size=batch_size, shuffle=shuffle,

@@ -66,6 +66,24 @@ def anomaly_source(variant: "Variant", settings: Mapping[str, Any], context: Fit
     return str(settings[setting]), f"{setting}={settings[setting]}"
 
 
+def shrink(module, variant: "Variant", width: int) -> None:
+    """Rebuild DRAEM's or DSR's networks at toy ``width`` (their widths are not constructor arguments)."""
+    if variant.name == "draem":
+        from anomalib.models.image.draem.torch_model import DiscriminativeSubNetwork, ReconstructiveSubNetwork
+
+        module.model.reconstructive_subnetwork = ReconstructiveSubNetwork(sspcab=module.sspcab, base_width=width)
+        module.model.discriminative_subnetwork = DiscriminativeSubNetwork(in_channels=6, out_channels=2,
+                                                                          base_width=max(1, width // 2))
+        if module.sspcab:
+            module.setup_sspcab()
+    elif variant.name == "dsr":
+        from anomalib.models.image.dsr.torch_model import DsrModel
+
+        module.model = DsrModel(latent_anomaly_strength=module.model.latent_anomaly_strength, embedding_dim=width,
+                                num_embeddings=64, num_hiddens=width, num_residual_layers=1,
+                                num_residual_hiddens=max(1, width // 2))
+
+
 def before_fit(method: "AnomalibMethod", train: TrainSet, context: FitContext) -> None:
     """Model-specific preparation before the Trainer runs (pretrained parts anomalib fetches itself)."""
     module, name = method.module, method.variant.name

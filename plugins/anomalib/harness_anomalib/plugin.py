@@ -57,6 +57,9 @@ def adapter_settings(variant: Variant) -> list[Setting]:
                            minimum=0, choice="the paper's schedule, as anomalib's example configs give it"))
         out.append(Setting("max_steps", int, h.get("max_steps", -1), "optimiser steps (-1: set by epochs); "
                            "models with a step schedule read it", minimum=-1))
+    if variant.toy_width:
+        out.append(Setting("toy_width", int, 0, "base width the adapter rebuilds the model's networks with (0: "
+                           "anomalib's own widths); only the tiny profile sets it, for CPU runs", minimum=0))
     if "center_crop" in h:
         out.append(Setting("center_crop", int, h["center_crop"], "side of the model's centre crop; its maps are "
                            "pasted back on the full image, the outside scored as the image's lowest value",

@@ -45,13 +45,18 @@ def texture(rng: np.random.Generator, size: int) -> np.ndarray:
     return (image * 255).round().astype(np.uint8)
 
 
-def write_textures(folder: Path, size: int, seed: int, count: int = COUNT) -> Path:
-    """Write ``count`` seeded textures as ``texture_NNN.png`` into ``folder``; return it."""
+def write_textures(root: Path, size: int, seed: int, count: int = COUNT) -> Path:
+    """Write ``count`` seeded textures as ``root/procedural/texture_NNN.png``; return ``root``.
+
+    One class folder inside ``root``, so the folder reads both as DTD (searched recursively) and as
+    an ImageFolder (EfficientAD's ImageNette).
+    """
     from PIL import Image
 
-    folder = Path(folder)
+    root = Path(root)
+    folder = root / "procedural"
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for index in range(count):
         Image.fromarray(texture(rng, size)).save(folder / f"texture_{index:03d}.png")
-    return folder
+    return root

@@ -73,6 +73,11 @@ class Variant:
     note: str = ""
 
     @property
+    def toy_width(self) -> bool:
+        """Whether the model has a ``toy_width`` setting (its widths are not constructor arguments)."""
+        return "toy_width" in self.tiny
+
+    @property
     def source_argument(self) -> str:
         """The constructor argument that takes the anomaly-source folder ('' if none)."""
         return next((k for k, v in self.owned.items() if v == "source"), "")
@@ -127,26 +132,29 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("csflow", "Csflow", "Fully Convolutional Cross-Scale-Flows for Image-based Defect Detection", "WACV 2022",
             "https://arxiv.org/abs/2110.02855", "https://github.com/marco-rudolph/cs-flow", "trained", "oneclass",
             {"image_size": 768, "train_batch_size": 16, "epochs": 240},
-            {"image_size": 64, "train_batch_size": 16, "epochs": 2, "cross_conv_hidden_channels": 32,
+            {"image_size": 128, "train_batch_size": 16, "epochs": 2, "cross_conv_hidden_channels": 32,
              "n_coupling_blocks": 2}, torchvision=("efficientnet_b5_lukemelas-1a07897c.pth",),
             note="EfficientNet-B5 (torchvision IMAGENET1K_V1) features; tiny's is random"),
     Variant("draem", "Draem", "DRAEM - A Discriminatively Trained Reconstruction Embedding for Surface Anomaly "
             "Detection", "ICCV 2021", "https://arxiv.org/abs/2108.07610", "https://github.com/VitjanZ/DRAEM",
             "trained", "oneclass", {"image_size": 256, "train_batch_size": 8, "epochs": 700},
-            {"image_size": 64, "train_batch_size": 16, "epochs": 4, "anomaly_source": "procedural"},
-            owned={"dtd_dir": "source"}, needs=("dtd",)),
+            {"image_size": 64, "train_batch_size": 16, "epochs": 4, "anomaly_source": "procedural", "toy_width": 16},
+            owned={"dtd_dir": "source"}, needs=("dtd",),
+            note="tiny rebuilds both subnetworks at toy width (toy_width; anomalib's are 128 and 64 wide, 97 M "
+                 "parameters)"),
     Variant("dsr", "Dsr", "DSR - A Dual Subspace Re-Projection Network for Surface Anomaly Detection", "ECCV 2022",
             "https://arxiv.org/abs/2208.01521", "https://github.com/VitjanZ/DSR_anomaly_detection", "trained",
             "oneclass", {"image_size": 256, "train_batch_size": 8, "epochs": 100},
-            {"image_size": 64, "train_batch_size": 16, "epochs": 2},
-            note="the pretrained VQ-VAE (anomalib's vq_model_pretrained_128_4096.pckl) is loaded in paper runs; "
+            {"image_size": 64, "train_batch_size": 16, "epochs": 2, "toy_width": 16},
+            note="tiny rebuilds the model at toy width (toy_width: codebook of 64 entries of toy_width channels); "
+                 "the pretrained VQ-VAE (anomalib's vq_model_pretrained_128_4096.pckl) is loaded in paper runs; "
                  "tiny's is random"),
     Variant("efficientad", "EfficientAd", "EfficientAD: Accurate Visual Anomaly Detection at Millisecond-Level "
             "Latencies", "WACV 2024", "https://arxiv.org/abs/2303.14535", "", "trained", "oneclass",
             {"image_size": 256, "train_batch_size": 1, "max_steps": 70000},
-            {"image_size": 64, "train_batch_size": 1, "max_steps": 60, "anomaly_source": "procedural",
-             "teacher_out_channels": 32}, owned={"imagenet_dir": "imagenet"}, needs=("imagenette",),
-            note="the batch size is 1 (anomalib refuses others); the map quantiles are computed on the training "
+            {"image_size": 256, "train_batch_size": 1, "max_steps": 40, "anomaly_source": "procedural",
+             "teacher_out_channels": 16}, owned={"imagenet_dir": "source"}, needs=("imagenette",),
+            note="tiny keeps 256 px (the autoencoder's fixed kernels need it) with 16 teacher channels; the batch size is 1 (anomalib refuses others); the map quantiles are computed on the training "
                  "images (anomalib computes them on its validation split, the test set for MVTec AD); tiny's "
                  "teacher is random and its penalty images are procedural textures"),
     Variant("supersimplenet", "Supersimplenet", "SuperSimpleNet: Unifying Unsupervised and Supervised Learning for "
@@ -158,7 +166,7 @@ VARIANTS: tuple[Variant, ...] = (
             "Detection and Localization", "ECCV 2024", "https://arxiv.org/abs/2407.09359",
             "https://github.com/cqylunlun/GLASS", "trained", "oneclass",
             {"image_size": 288, "train_batch_size": 8, "epochs": 640},
-            {**_TINY_CNN, "epochs": 3, "backbone": "resnet18", "pre_trained": False, "pretrain_embed_dim": 64,
+            {**_TINY_CNN, "epochs": 3, "backbone": "resnet18", "pretrain_embed_dim": 64,
              "target_embed_dim": 64, "discriminator_hidden": 64, "anomaly_source": "procedural"},
             owned={"anomaly_source_path": "source", "input_shape": "image_size"}, timm=("backbone",),
             needs=("dtd",)),
@@ -166,17 +174,16 @@ VARIANTS: tuple[Variant, ...] = (
             "Anomaly Detection", "CVPR 2025", "https://pangdatangtt.github.io/",
             "https://github.com/pangdatangtt/UniNet", "trained", "oneclass",
             {"image_size": 256, "train_batch_size": 8, "epochs": 100},
-            {**_TINY_CNN, "epochs": 3, "student_backbone": "resnet18", "teacher_backbone": "resnet18"},
+            {**_TINY_CNN, "epochs": 3, "student_backbone": "resnet50", "teacher_backbone": "resnet50"},
             torchvision=("wide_resnet50_2-9ba9bcbe.pth",),
             note="the teachers are torchvision's wide_resnet50_2 DEFAULT weights (IMAGENET1K_V2); tiny's are random "
-                 "ResNet-18s"),
+                 "ResNet-50s (UniNet's bottleneck is sized for the channels of a ResNet-50)"),
     Variant("dinomaly", "Dinomaly", "Dinomaly: The Less Is More Philosophy in Multi-Class Unsupervised Anomaly "
             "Detection", "CVPR 2025", "https://arxiv.org/abs/2405.14325", "https://github.com/guojiajeremy/Dinomaly",
             "trained", "multiclass", {"image_size": 448, "center_crop": 392, "train_batch_size": 16,
                                       "max_steps": 10000},
             {"image_size": 64, "center_crop": 56, "train_batch_size": 16, "max_steps": 12,
-             "encoder_name": "vit_small_patch14_dinov2", "decoder_depth": 2, "target_layers": (2, 3, 4, 5),
-             "fuse_layer_encoder": ((0, 1), (2, 3)), "fuse_layer_decoder": ((0,), (1,))},
+             "encoder_name": "vit_small_patch14_dinov2"},
             timm=("encoder_name",)),
     Variant("inpformer", "InpFormer", "Exploring Intrinsic Normal Prototypes within a Single Image for Universal "
             "Anomaly Detection", "CVPR 2025", "https://arxiv.org/abs/2503.02424",
