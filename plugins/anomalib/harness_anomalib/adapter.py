@@ -126,7 +126,15 @@ class AnomalibMethod(Method):
     def __init__(self, settings: Mapping[str, Any], variant: Variant) -> None:
         super().__init__(settings)
         self.variant = variant
-        self.module = self._build(files=None, source_dir=None)
+        try:
+            self.module = self._build(files=None, source_dir=None)
+        except (TypeError, RuntimeError, NotImplementedError):
+            if torch.empty(0).device.type != "meta":
+                raise
+            # Some anomalib parts (FrEIA's flow blocks) build tensors on the CPU explicitly and
+            # cannot be built on the meta device that ``describe`` and the preflight use.
+            with torch.device("cpu"):
+                self.module = self._build(files=None, source_dir=None)
         #: Per-category state of a few-shot model (WinCLIP's text and reference embeddings).
         self.fewshot_state: dict[str, dict[str, torch.Tensor]] = {}
 
