@@ -132,7 +132,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("csflow", "Csflow", "Fully Convolutional Cross-Scale-Flows for Image-based Defect Detection", "WACV 2022",
             "https://arxiv.org/abs/2110.02855", "https://github.com/marco-rudolph/cs-flow", "trained", "oneclass",
             {"image_size": 768, "train_batch_size": 16, "epochs": 240},
-            {"image_size": 128, "train_batch_size": 16, "epochs": 2, "cross_conv_hidden_channels": 32,
+            {"image_size": 128, "train_batch_size": 16, "epochs": 1, "cross_conv_hidden_channels": 32,
              "n_coupling_blocks": 2}, torchvision=("efficientnet_b5_lukemelas-1a07897c.pth",),
             note="EfficientNet-B5 (torchvision IMAGENET1K_V1) features; tiny's is random"),
     Variant("draem", "Draem", "DRAEM - A Discriminatively Trained Reconstruction Embedding for Surface Anomaly "
@@ -174,7 +174,7 @@ VARIANTS: tuple[Variant, ...] = (
             "Anomaly Detection", "CVPR 2025", "https://pangdatangtt.github.io/",
             "https://github.com/pangdatangtt/UniNet", "trained", "oneclass",
             {"image_size": 256, "train_batch_size": 8, "epochs": 100},
-            {**_TINY_CNN, "epochs": 3, "student_backbone": "resnet50", "teacher_backbone": "resnet50"},
+            {**_TINY_CNN, "epochs": 1, "student_backbone": "resnet50", "teacher_backbone": "resnet50"},
             torchvision=("wide_resnet50_2-9ba9bcbe.pth",),
             note="the teachers are torchvision's wide_resnet50_2 DEFAULT weights (IMAGENET1K_V2); tiny's are random "
                  "ResNet-50s (UniNet's bottleneck is sized for the channels of a ResNet-50)"),
