@@ -272,3 +272,25 @@ def test_conformance(registry, name, tmp_path):
     from harness.testing import check_method
 
     check_method(registry.method(name), profile="tiny", workdir=tmp_path, image_size=64)
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_run_of_a_few_models(tmp_path, monkeypatch):
+    """A memory bank, a student-teacher model and a synthesis model, through the whole runner."""
+    from harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    methods = ("padim", "stfpm", "glass")
+    code = main(["run", "--methods", ",".join(methods), "--protocol", "multiclass", "--results-dir",
+                 str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"), "--no-progress", "--no-leaderboard",
+                 "--save-maps", "none"])
+    assert code == 0
+    for method in methods:
+        (path,) = (tmp_path / "r" / "records").rglob(f"{method}/tiny-seed0.json")
+        record = json.loads(path.read_text())
+        assert record["status"] == "ok", record["error"]
+        info = record["method_info"]
+        assert info["anomalib_version"].startswith("2.7") and info["anomalib_class"]
+        assert info["backbone_weights"].startswith("random")
+        assert record["efficiency"]["fps"] > 0 and record["efficiency"]["latency_ms"] > 0
+        assert 0.0 <= record["mean"]["image_auroc"] <= 1.0
