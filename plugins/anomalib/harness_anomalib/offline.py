@@ -14,7 +14,8 @@ so the adapter builds every model inside :func:`weights_from_disk`:
 torchvision backbones (CS-Flow's EfficientNet-B5, UniNet's teachers) are handled the same way:
 without files ``WeightsEnum.verify`` answers None, so every torchvision builder builds a random
 network; with files ``torch.hub.load_state_dict_from_url`` reads the declared file whose name is
-the URL's last part (torchvision's names carry the first digits of the file's sha256).
+the URL's last part (torchvision's names carry the first digits of the file's sha256). WinCLIP's
+open_clip model gets ``pretrained=None`` (random) or the declared file's path.
 """
 
 from __future__ import annotations
@@ -91,6 +92,16 @@ def weights_from_disk(files: Mapping[str, Path] | None) -> Iterator[list[str]]:
         calls.append(f"torchvision {name}: {path}")
         return torch.load(path, map_location="cpu", weights_only=True)
 
+    clip_module, original_clip = _open_clip()
+
+    def create_model_and_transforms(model_name, pretrained=None, *args, **kwargs):
+        path = (files or {}).get("clip")
+        if pretrained and path is None and files:
+            raise UndeclaredWeightsError(f"anomalib asked for open_clip {model_name} ({pretrained}), which the method "
+                                         "does not declare; nothing is downloaded at run time")
+        calls.append(f"open_clip {model_name}: {path if path else 'random init'}")
+        return original_clip(model_name, str(path) if path else None, *args, **kwargs)
+
     previous = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
     timm.create_model = create_model
@@ -98,6 +109,8 @@ def weights_from_disk(files: Mapping[str, Path] | None) -> Iterator[list[str]]:
     WeightsEnum.verify = classmethod(verify)
     torch.hub.load_state_dict_from_url = load_state_dict_from_url
     tv_api.load_state_dict_from_url = load_state_dict_from_url
+    if clip_module is not None:
+        clip_module.create_model_and_transforms = create_model_and_transforms
     try:
         yield calls
     finally:
@@ -106,7 +119,18 @@ def weights_from_disk(files: Mapping[str, Path] | None) -> Iterator[list[str]]:
         WeightsEnum.verify = original_verify
         torch.hub.load_state_dict_from_url = original_url
         tv_api.load_state_dict_from_url = original_tv_url
+        if clip_module is not None:
+            clip_module.create_model_and_transforms = original_clip
         if previous is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
             os.environ["HF_HUB_OFFLINE"] = previous
+
+
+def _open_clip():
+    """open_clip and its ``create_model_and_transforms`` (WinCLIP's backbone), if installed."""
+    try:
+        import open_clip
+    except ImportError:
+        return None, None
+    return open_clip, open_clip.create_model_and_transforms
