@@ -141,15 +141,16 @@ def weight_files(variant: Variant, settings) -> list[WeightFile]:
     for name in variant.torchvision:
         files.append(WeightFile(key=name, what=f"torchvision {name}", filenames=(name,), url=f"{TORCHVISION}/{name}"))
     if variant.name == "dsr":
-        files.append(WeightFile(key="vq_model", what="DSR's pretrained VQ-VAE (anomalib's dsr_vq_model_pretrained.zip, "
-                                "unpacked)", filenames=("vq_model_pretrained_128_4096.pckl",),
-                                url=f"{_RELEASE}/dsr_pretrained_weights/dsr_vq_model_pretrained.zip"))
+        # Published inside a zip archive: `harness weights pull` cannot unpack it, so the file is
+        # declared without a URL and its description says where the archive is.
+        files.append(WeightFile(key="vq_model", what="DSR's pretrained VQ-VAE (unpack "
+                                f"{_RELEASE}/dsr_pretrained_weights/dsr_vq_model_pretrained.zip into --weights-dir)",
+                                filenames=("vq_model_pretrained_128_4096.pckl",)))
     if variant.name == "efficientad":
         size = str(settings["model_size"])
-        files.append(WeightFile(key="teacher", what=f"EfficientAD's pretrained {size} teacher (anomalib's "
-                                "efficientad_pretrained_weights.zip, unpacked)",
-                                filenames=(f"pretrained_teacher_{size}.pth",),
-                                url=f"{_RELEASE}/efficientad_pretrained_weights/efficientad_pretrained_weights.zip"))
+        files.append(WeightFile(key="teacher", what=f"EfficientAD's pretrained {size} teacher (unpack "
+                                f"{_RELEASE}/efficientad_pretrained_weights/efficientad_pretrained_weights.zip into "
+                                "--weights-dir)", filenames=(f"pretrained_teacher_{size}.pth",)))
     if variant.name == "winclip":
         files.append(OPEN_CLIP)
     return files
