@@ -294,3 +294,26 @@ def test_tiny_end_to_end_run_of_a_few_models(tmp_path, monkeypatch):
         assert info["backbone_weights"].startswith("random")
         assert record["efficiency"]["fps"] > 0 and record["efficiency"]["latency_ms"] > 0
         assert 0.0 <= record["mean"]["image_auroc"] <= 1.0
+
+
+def test_an_interrupted_fit_resumes_after_its_last_finished_epoch(registry, tmp_path, monkeypatch):
+    from harness.checkpoint import Position
+
+    spec, settings, method = _method(registry, "stfpm", epochs=2, train_batch_size=6)
+    train = _train()
+    original = Position.save
+
+    def save_then_die(self):
+        original(self)
+        if self.epoch == 1:
+            raise RuntimeError("killed after epoch 1")
+
+    monkeypatch.setattr(Position, "save", save_then_die)
+    with pytest.raises(RuntimeError, match="killed"):
+        method.fit(train, _context(tmp_path, settings))
+    monkeypatch.setattr(Position, "save", original)
+    again = spec.factory(settings)
+    context = _context(tmp_path, settings)
+    again.fit(train, context)
+    assert context.checkpoint.resumed_from["epoch"] == 1
+    assert context.info["trainer"]["epochs"] == 2 and context.info["trainer"]["max_epochs"] == 1
