@@ -310,6 +310,10 @@ def cmd_describe(args: argparse.Namespace) -> int:
         for file in info["weights"]:
             source = file["repo_id"] + (f"@{file['revision']}" if file["revision"] else "") if file["repo_id"] else file["url"]
             print(f"  {file['key']}: {file['what']} ({source or 'local only'})")
+    if info["data_needs"]:
+        print("data it needs (checked by the preflight):")
+        for need in info["data_needs"]:
+            print(f"  {need['setting']}: {need['what']} ({need['how']})")
     print("networks (parameters):")
     for name, count in info["networks"].items():
         print(f"  {name}: {count:,} ({count / 1e6:.1f} M)")
