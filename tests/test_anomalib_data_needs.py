@@ -56,3 +56,18 @@ def test_draem_and_efficientad_paper_need_dtd_and_imagenette(tmp_path, capsys, m
     out = capsys.readouterr().out
     assert "draem needs the Describable Textures Dataset" in out and "--set draem.dtd_root=PATH" in out
     assert "efficientad needs ImageNette" in out and "imagenet_dir" in out
+
+
+def test_without_anomalib_its_methods_are_simply_absent(monkeypatch):
+    import importlib.util
+
+    import harness_anomalib.plugin as plugin
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "anomalib" else real(name, *a))
+    assert plugin.harness_methods() == []
+    from harness.registry import load_registry
+
+    registry = load_registry()
+    assert "padim" not in registry.methods and "patchcore" in registry.methods
+    assert not [p for p in registry.problems if p.plugin == "anomalib"]
