@@ -28,9 +28,9 @@ import importlib
 import inspect
 import tempfile
 import warnings
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -227,7 +227,7 @@ class AnomalibMethod(Method):
                                            "steps": int(trainer.global_step), "max_epochs": trainer.max_epochs,
                                            "max_steps": trainer.max_steps}
             hooks.after_fit(self, train, context)
-            position.extra["info"] = _jsonable({k: v for k, v in context.info.items()})
+            position.extra["info"] = _jsonable(dict(context.info))
 
     def loader(self, train: TrainSet, batch_size: int, shuffle: bool = True) -> torch.utils.data.DataLoader:
         """The training images as anomalib batches, the model's transform applied."""
@@ -407,10 +407,3 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
