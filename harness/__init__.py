@@ -16,12 +16,13 @@ from harness.errors import DatasetError, HarnessError, MethodOutputError, Weight
 from harness.hookspecs import hookimpl  # noqa: E402
 from harness.method import FitContext, Method, Prediction  # noqa: E402
 from harness.settings import Setting, Settings, SettingsSchema  # noqa: E402
-from harness.specs import (DatasetSpec, EvalGrid, ExecutorSpec, MethodSpec, MetricSpec, PaperRef,  # noqa: E402
+from harness.specs import (DataNeed, DatasetSpec, EvalGrid, ExecutorSpec, MethodSpec, MetricSpec, PaperRef,  # noqa: E402
                            Resources, WeightFile)
 
 __all__ = [
     "__version__", "hookimpl", "Method", "Prediction", "FitContext", "MethodSpec", "DatasetSpec", "MetricSpec",
-    "ExecutorSpec", "EvalGrid", "PaperRef", "Resources", "WeightFile", "Setting", "Settings", "SettingsSchema", "Sample", "MaskChannel",
+    "ExecutorSpec", "DataNeed", "EvalGrid", "PaperRef", "Resources", "WeightFile", "Setting", "Settings", "SettingsSchema", "Sample",
+    "MaskChannel",
     "CategoryData", "DatasetIndex", "TrainSet", "read_image", "read_mask", "DatasetError", "HarnessError",
     "MethodOutputError", "WeightsNotFoundError",
 ]

@@ -123,6 +123,12 @@ class Position:
         if self._owner is not None:
             self._owner._after_step(self)
 
+    def save(self) -> None:
+        """Write a checkpoint now, whatever the interval (an epoch end a method wants kept)."""
+        if self._owner is not None:
+            self._owner._extras[self.stage] = dict(self.extra)
+            self._owner._save(self)
+
 
 class TrainingCheckpoint:
     """The checkpoints of one fit (one fit unit of one job).

@@ -282,7 +282,8 @@ def describe_method(spec: Any, profile: str) -> dict[str, Any]:
         "settings": settings.as_json(), "settings_table": describe_settings(spec.schema, settings),
         "settings_help": {s.name: s.help for s in spec.schema}, "choices": open_choices(spec.schema, settings),
         "typed_settings": not spec.schema.inferred, "resources": spec.resources_for(profile).as_dict(),
-        "weights": [f.as_dict() for f in spec.weight_files(settings)], "input_size": list(method.input_size),
+        "weights": [f.as_dict() for f in spec.weight_files(settings)],
+        "data_needs": [n.as_dict() for n in spec.needs(settings)], "input_size": list(method.input_size),
         "eval_batch_size": method.eval_batch_size, "interpolation": method.interpolation,
         "antialias": method.antialias, "resize_mode": method.resize_mode,
         "networks": networks, "total_parameters": sum(networks.values()), "description": spec.description,
@@ -328,6 +329,10 @@ def cmd_describe(args: argparse.Namespace) -> int:
         for file in info["weights"]:
             source = file["repo_id"] + (f"@{file['revision']}" if file["revision"] else "") if file["repo_id"] else file["url"]
             print(f"  {file['key']}: {file['what']} ({source or 'local only'})")
+    if info["data_needs"]:
+        print("data it needs (checked by the preflight):")
+        for need in info["data_needs"]:
+            print(f"  {need['setting']}: {need['what']} ({need['how']})")
     print("networks (parameters):")
     for name, count in info["networks"].items():
         print(f"  {name}: {count:,} ({count / 1e6:.1f} M)")

@@ -4,6 +4,8 @@
   method pins one.
 - **Data**: every training and test image and every mask of the pending jobs decodes (a
   truncated file is found now, not after hours of training), and each mask has its image's size.
+- **Data needs**: every path a job's method declares it reads besides its dataset
+  (:class:`harness.specs.DataNeed`: DTD textures, ImageNette, ...) is set and exists.
 - **Folders**: the results and cache folders can be written, and the cache's filesystem has room
   for the largest job's fit. Sizes come from the networks built on the meta device. The finished
   fit's state (every network's weights and buffers) is certain to be written: less room than that
@@ -108,6 +110,18 @@ def check_weights(planned: PlannedJob, resolver: WeightsResolver) -> list[str]:
     return problems
 
 
+def check_data_needs(planned: PlannedJob) -> list[str]:
+    """Unmet data needs of one job, each naming the setting, the data and how to get it."""
+    problems = []
+    random_weights = planned.job.weights == "random"
+    for need in planned.spec.needs(planned.settings):
+        value = str(planned.settings.get(need.setting, "") or "")
+        problem = need.problem(planned.job.method, value, random_weights)
+        if problem:
+            problems.append(f"{planned.job.label}: {problem}")
+    return problems
+
+
 def _writable(folder: Path, what: str, probe: bool) -> str | None:
     folder = Path(folder)
     existing = folder
@@ -166,6 +180,7 @@ def run_preflight(plan: Plan, check_images: bool = True, probe_folders: bool = T
     resolver = WeightsResolver(options.weights_dir)
     for planned in pending:
         report.problems += check_weights(planned, resolver)
+        report.problems += check_data_needs(planned)
     if check_images and pending:
         samples = [s for p in pending for u in p.units for s in u.train]
         samples += [s for p in pending for tests in p.tests.values() for s in tests]

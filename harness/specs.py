@@ -125,6 +125,54 @@ class WeightFile:
                 "setting": self.setting, "folder": self.folder}
 
 
+@dataclass(frozen=True)
+class DataNeed:
+    """Data a job needs besides its dataset (anomaly-source textures, a pretraining set, ...).
+
+    The preflight checks each need before any job runs: the setting must name an existing path,
+    else the run stops (exit 2) with a message naming the setting, what it is and how to get it.
+
+    Attributes
+    ----------
+    setting : str
+        The setting that holds the path (``dtd_root``: the same name in every plugin).
+    what : str
+        What the data is, for messages, e.g. ``"the Describable Textures Dataset (DTD) images"``.
+    how : str
+        How to get it (a URL and what to unpack).
+    kind : str
+        ``folder`` or ``file``.
+    random_weights_fallback : str
+        When not empty, what stands in for the data under ``--weights random`` (a fast dev run
+        of the paper profile then needs no download); the need is waived there.
+    """
+
+    setting: str
+    what: str
+    how: str
+    kind: str = "folder"
+    random_weights_fallback: str = ""
+
+    def problem(self, method: str, value: str, random_weights: bool) -> str | None:
+        """Why this need is not met by ``value`` (the setting's value), or None."""
+        import os
+
+        if random_weights and self.random_weights_fallback:
+            return None
+        fix = f"{self.how}; then pass --set {method}.{self.setting}=PATH"
+        if not value:
+            return f"{method} needs {self.what} (setting {self.setting} is empty): {fix}"
+        exists = os.path.isdir(value) if self.kind == "folder" else os.path.isfile(value)
+        if not exists:
+            return f"{method}: {self.setting}={value} is not an existing {self.kind} ({self.what}): {fix}"
+        return None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form (``harness describe``)."""
+        return {"setting": self.setting, "what": self.what, "how": self.how, "kind": self.kind,
+                "random_weights_fallback": self.random_weights_fallback}
+
+
 #: ``--eval-grid`` choices: the harness's one rule for every method, or each paper's own grid.
 EVAL_GRIDS = ("harness", "paper")
 #: How a grid turns a resized mask into defect pixels: ``nonzero`` (any value above 0) or
@@ -236,6 +284,9 @@ class MethodSpec:
     paper_grid : callable, optional
         ``paper_grid(settings) -> EvalGrid``: the pixel grid of the paper's own evaluation code,
         used with ``--eval-grid paper`` (none declared: the harness rule at the method's size).
+    data_needs : callable, optional
+        ``data_needs(settings) -> sequence of DataNeed``: data a job with these settings reads
+        besides its dataset (checked by the preflight before any job runs).
     """
 
     name: str
@@ -250,6 +301,7 @@ class MethodSpec:
     resources: Mapping[str, Resources] = field(default_factory=dict)
     weights: Callable[[Settings], Sequence[WeightFile]] | None = None
     paper_grid: Callable[[Settings], EvalGrid] | None = None
+    data_needs: Callable[[Settings], Sequence["DataNeed"]] | None = None
 
     @cached_property
     def schema(self) -> SettingsSchema:
@@ -269,6 +321,10 @@ class MethodSpec:
     def weight_files(self, settings: Settings) -> list[WeightFile]:
         """The pinned files a job with ``settings`` needs."""
         return list(self.weights(settings)) if self.weights is not None else []
+
+    def needs(self, settings: Settings) -> list[DataNeed]:
+        """The data a job with ``settings`` reads besides its dataset."""
+        return list(self.data_needs(settings)) if self.data_needs is not None else []
 
 
 @dataclass(frozen=True)

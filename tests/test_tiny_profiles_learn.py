@@ -30,3 +30,38 @@ def test_tiny_profile_learns_on_the_synthetic_set(method):
     assert record["mean"]["image_auroc"] >= FLOORS[method], record["mean"]
     assert record["mean"]["pixel_auroc"] > PIXEL_FLOORS.get(method, 0.6), record["mean"]
     assert record["efficiency"]["fps"] > 0 and record["efficiency"]["params"] > 0
+
+
+#: anomalib's models (plugins/anomalib, extra ``[anomalib]``): floors of their tiny profiles, checked
+#: when anomalib is installed. Measured on the synthetic set, seed 0 (README, "anomalib's models").
+ANOMALIB_FLOORS = {"padim": 0.6}
+#: anomalib models whose tiny profile is not held to a floor, and why.
+ANOMALIB_EXCEPTIONS = {
+    "stfpm": "its teacher is a random ResNet-18 in tiny (anomalib always asks for a pretrained one): the student "
+             "learns to copy random features, 0.571 image AUROC at 3 epochs",
+    "winclip": "zero/few-shot, not in the multi-class main job; a random CLIP has no prompt semantics",
+    "anomalydino": "few-shot, not in the multi-class main job",
+}
+#: Not yet measured: the session that added the adapter shared its 2 cores at a load of 17 and ran
+#: out of time before these tiny runs finished; measure them (README table) and move each to a floor.
+ANOMALIB_UNMEASURED = ("anomalib_patchcore", "rd4ad", "fastflow", "cflow", "cfa", "glass", "supersimplenet", "draem",
+                       "dsr", "dinomaly", "inpformer", "uninet", "csflow", "efficientad")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(ANOMALIB_FLOORS))
+def test_anomalib_tiny_profile_learns_on_the_synthetic_set(method):
+    pytest.importorskip("anomalib")
+    record = synthetic_record(method)
+    assert record["status"] == "ok", record.get("error")
+    assert record["mean"]["image_auroc"] >= ANOMALIB_FLOORS[method], record["mean"]
+    assert record["efficiency"]["fps"] > 0 and record["efficiency"]["params"] > 0
+
+
+def test_every_anomalib_model_has_a_floor_or_a_named_exception():
+    pytest.importorskip("anomalib")
+    from harness_anomalib.variants import VARIANTS
+
+    for variant in VARIANTS:
+        assert (variant.name in ANOMALIB_FLOORS or variant.name in ANOMALIB_EXCEPTIONS
+                or variant.name in ANOMALIB_UNMEASURED), variant.name

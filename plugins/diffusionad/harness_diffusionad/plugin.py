@@ -34,7 +34,7 @@ with their code) and skips training; that file is then the only one the job decl
 
 from __future__ import annotations
 
-from harness import EvalGrid, MethodSpec, PaperRef, Resources, Setting, WeightFile, hookimpl
+from harness import DataNeed, EvalGrid, MethodSpec, PaperRef, Resources, Setting, WeightFile, hookimpl
 from harness.settings import antialias, eval_batch_size, image_size, interpolation, precision
 
 PAPER = PaperRef(
@@ -226,6 +226,20 @@ def weight_files(settings):
                        setting="official_checkpoints", folder=True)]
 
 
+#: DTD, the anomaly textures of the paper's synthesis (the URL is synthesis.DTD_URL's; not imported
+#: from there to keep this module cheap).
+DTD_NEED = DataNeed(
+    setting="dtd_root", what="the Describable Textures Dataset (DTD) images, the anomaly textures of its synthesis",
+    how="download dtd-r1.0.1.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/dtd/ and unpack it (or opt out with "
+        "--set diffusionad.texture_source=procedural)",
+    random_weights_fallback="procedural textures (the record says so)")
+
+
+def data_needs(settings):
+    """DTD, unless the profile opted out of it (``texture_source=procedural``, as ``tiny`` does)."""
+    return [] if settings.texture_source == "procedural" else [DTD_NEED]
+
+
 def paper_grid(settings) -> EvalGrid:
     """The pixel grid of the authors' eval.py (``--eval-grid paper``)."""
     return EvalGrid(name="paper", size=int(settings.image_size), mask_interpolation="bilinear", mask_antialias=False,
@@ -247,7 +261,7 @@ def harness_methods():
     return [MethodSpec(
         name="diffusionad", paper=PAPER, protocols=("multiclass", "oneclass", "fewshot"), profiles=PROFILES,
         factory=build, settings=SETTINGS, paper_protocol="oneclass", resources=RESOURCES, weights=weight_files,
-        paper_grid=paper_grid,
+        paper_grid=paper_grid, data_needs=data_needs,
         description="Pixel-space DDPM UNet and a segmentation U-Net trained jointly on Perlin-noise synthetic "
                     "anomalies (DTD textures); norm-guided one-step denoising at two noise levels, segmentation of "
                     "(query, reconstruction), image score = mean of the top 50 map values. No pretrained weights.",
