@@ -88,6 +88,12 @@ def before_fit(method: "AnomalibMethod", train: TrainSet, context: FitContext) -
     """Model-specific preparation before the Trainer runs (pretrained parts anomalib fetches itself)."""
     module, name = method.module, method.variant.name
     use_files = pretrained(method.settings, context)
+    if not use_files:
+        recalibrated = recalibrate_random_backbones(method, train)
+        if recalibrated:
+            context.info["backbone_batchnorm"] = (f"{recalibrated} random timm backbone(s): BatchNorm statistics "
+                                                  "re-estimated on the training images (as the harness's own tiny "
+                                                  "PatchCore does)")
     if name == "efficientad":
         def prepare_pretrained_model() -> None:
             if use_files:
@@ -103,6 +109,28 @@ def before_fit(method: "AnomalibMethod", train: TrainSet, context: FitContext) -
             module.prepare_pretrained_model = lambda: None
             module.model.load_pretrained_discrete_model_weights = lambda *args, **kwargs: None
         context.info["vq_model"] = "pretrained" if use_files else "random (tiny / --weights random)"
+
+
+def recalibrate_random_backbones(method: "AnomalibMethod", train: TrainSet) -> int:
+    """Re-estimate the BatchNorm statistics of every random timm feature extractor on ``train``.
+
+    A randomly initialised backbone keeps the N(0, 1) statistics of its initialisation, which
+    saturates some channels and silences others; one pass over the (normal) training images in
+    train mode, no gradients, standardises them (:func:`harness.toolkit.backbones.
+    recalibrate_batchnorm`). Only without pretrained files (``tiny``, ``--weights random``).
+    """
+    from anomalib.models.components.feature_extractors import TimmFeatureExtractor
+
+    from harness.toolkit.backbones import recalibrate_batchnorm
+
+    extractors = [m for m in method.module.modules() if isinstance(m, TimmFeatureExtractor)
+                  and isinstance(getattr(m, "feature_extractor", None), torch.nn.Module)]
+    for extractor in extractors:
+        with torch.no_grad():
+            recalibrate_batchnorm(extractor.feature_extractor,
+                                  (batch.image.to(method.device) for batch in method.loader(train, 16, shuffle=False)))
+        extractor.feature_extractor.eval()
+    return len(extractors)
 
 
 def after_fit(method: "AnomalibMethod", train: TrainSet, context: FitContext) -> None:
