@@ -54,6 +54,10 @@ SETTINGS = (
     *(_BY_NAME[name] for name in _SHARED),
 )
 
+# No learning floor for the tiny profile (tests/test_tiny_profiles_learn.py): a pixel denoiser trained
+# from scratch for 80 steps does not remove the noise of step 101, so its reconstructions differ
+# from the input everywhere and the feature maps are near chance (synthetic set, seed 0: image
+# AUROC 0.559, pixel AUROC 0.535) -- what DiAD reports of DDPM at full scale, in miniature.
 PROFILES = {
     "paper": {},
     "tiny": {
