@@ -8,6 +8,7 @@ with the plugin that declared it instead of failing mid-run.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -155,8 +156,6 @@ class DataNeed:
 
     def problem(self, method: str, value: str, random_weights: bool) -> str | None:
         """Why this need is not met by ``value`` (the setting's value), or None."""
-        import os
-
         if random_weights and self.random_weights_fallback:
             return None
         fix = f"{self.how}; then pass --set {method}.{self.setting}=PATH"

@@ -124,7 +124,8 @@ def recalibrate_random_backbones(method: "AnomalibMethod", train: TrainSet) -> i
     from harness.toolkit.backbones import recalibrate_batchnorm
 
     extractors = [m for m in method.module.modules() if isinstance(m, TimmFeatureExtractor)
-                  and isinstance(getattr(m, "feature_extractor", None), torch.nn.Module)]
+                  and isinstance(getattr(m, "feature_extractor", None), torch.nn.Module)
+                  and any(isinstance(n, torch.nn.modules.batchnorm._BatchNorm) for n in m.feature_extractor.modules())]
     for extractor in extractors:
         with torch.no_grad():
             recalibrate_batchnorm(extractor.feature_extractor,
