@@ -50,12 +50,15 @@ ANOMALIB_EXCEPTIONS = {
     "glass": "a 64-d discriminator on random ResNet-18 features, 3 epochs: 0.542",
     "dinomaly": "a random ViT-S/14 encoder at 56 px (16 tokens), 12 steps: 0.518",
     "inpformer": "a random ViT-S/14 encoder at 56 px, 1 epoch: 0.481",
+    "supersimplenet": "a segmentation head on random ResNet-18 features, 4 epochs: 0.382 (below chance: the "
+                      "synthetic Perlin noise it learns to flag does not resemble the set's defects at 64 px)",
+    "draem": "toy width 16, procedural textures, 4 epochs: 0.511",
     "winclip": "zero/few-shot, not in the multi-class main job; a random CLIP has no prompt semantics",
     "anomalydino": "few-shot, not in the multi-class main job (1 shot, seed 0: 0.522 with a random ViT-S/14)",
 }
 #: Not yet measured: the session that added the adapter shared its 2 cores at a load of 17 and ran
 #: out of time before these tiny runs finished; measure them (README table) and move each to a floor.
-ANOMALIB_UNMEASURED = ("supersimplenet", "draem", "dsr", "uninet", "csflow", "efficientad")
+ANOMALIB_UNMEASURED = ("dsr", "uninet", "csflow", "efficientad")
 
 
 @pytest.mark.slow

@@ -359,7 +359,8 @@ class _OptimiserStates:
         if self.trainer is None:
             return self.pending or {}
         return {"optimisers": {str(i): o.state_dict() for i, o in enumerate(self.trainer.optimizers)},
-                "schedulers": {str(i): c.scheduler.state_dict() for i, c in enumerate(self.trainer.lr_scheduler_configs)}}
+                "schedulers": {str(i): _keyed(c.scheduler.state_dict())
+                               for i, c in enumerate(self.trainer.lr_scheduler_configs)}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.pending = dict(state)
@@ -373,8 +374,31 @@ class _OptimiserStates:
                 optimiser.load_state_dict(self.pending["optimisers"][str(i)])
         for i, config in enumerate(trainer.lr_scheduler_configs):
             if str(i) in self.pending.get("schedulers", {}):
-                config.scheduler.load_state_dict(self.pending["schedulers"][str(i)])
+                config.scheduler.load_state_dict(_unkeyed(self.pending["schedulers"][str(i)]))
         self.pending = None
+
+
+def _keyed(value: Any) -> Any:
+    """A scheduler state with mappings whose keys are not strings (MultiStepLR's milestone
+    Counter: UniNet's are floats) stored as ``{"__pairs__": [[key, value], ...]}`` (the state
+    files take string keys only)."""
+    if isinstance(value, Mapping):
+        if all(isinstance(k, str) for k in value):
+            return {k: _keyed(v) for k, v in value.items()}
+        return {"__pairs__": [[k, _keyed(v)] for k, v in value.items()], "__type__": type(value).__name__}
+    return value
+
+
+def _unkeyed(value: Any) -> Any:
+    """Inverse of :func:`_keyed`."""
+    from collections import Counter
+
+    if isinstance(value, Mapping):
+        if "__pairs__" in value:
+            pairs = {k: _unkeyed(v) for k, v in value["__pairs__"]}
+            return Counter(pairs) if value.get("__type__") == "Counter" else pairs
+        return {k: _unkeyed(v) for k, v in value.items()}
+    return value
 
 
 def _EpochCheckpoints(position, optimisers: _OptimiserStates, epochs_done: int):
