@@ -152,8 +152,10 @@ class UniAD(Method):
             optimiser, lambda e: step_lr_factor(e, s.lr_step, s.lr_gamma, s.lr_schedule_offset))
         scaler = grad_scaler(self.device, s.precision)
         jitter = torch.Generator(device=self.device).manual_seed(int(context.seed))
-        with context.checkpoint.stage("reconstruction", reconstruction=net, optimiser=optimiser,
-                                      scheduler=scheduler, scaler=scaler, jitter=jitter) as position:
+        # The backbone is tracked here too: a resume restores objects from the latest checkpoint only.
+        with context.checkpoint.stage("reconstruction", backbone=self.features, reconstruction=net,
+                                      optimiser=optimiser, scheduler=scheduler, scaler=scaler,
+                                      jitter=jitter) as position:
             if not position.done:
                 feats = self._encode_all(train, context)
                 batch_size = min(int(s.train_batch_size), len(feats))

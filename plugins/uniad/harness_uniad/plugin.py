@@ -110,9 +110,9 @@ PROFILES = {
     "tiny": {
         # Random EfficientNet-b4 stem + stages 1-2 (24 + 32 channels at stride 4): cheap on a CPU at
         # 64 px, and its 16 x 16 token grid is small enough for a one-layer transformer.
-        "image_size": 64, "backbone_pretrained": False, "backbone_layers": (0, 1), "feature_stride": 4,
+        "image_size": 64, "backbone_pretrained": False, "backbone_layers": (0, 1, 2), "feature_stride": 8,
         "feature_batch_size": 60, "eval_batch_size": 60, "hidden_dim": 64, "nhead": 4,
-        "num_encoder_layers": 1, "num_decoder_layers": 1, "dim_feedforward": 128, "neighbor_size": (5, 5),
+        "num_encoder_layers": 1, "num_decoder_layers": 1, "dim_feedforward": 128, "neighbor_size": (3, 3),
         "epochs": 12, "train_batch_size": 16, "lr": 2e-3, "lr_step": 10, "grad_clip_norm": 1.0,
         "score_pool_size": 4,
     },
