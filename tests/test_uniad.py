@@ -22,8 +22,8 @@ from harness_uniad.plugin import PROFILES, harness_methods
 SIZE = 32
 (SPEC,) = harness_methods()
 #: Smallest settings that run every code path in a few seconds (8 x 8 tokens at stride 4).
-MICRO_OVERRIDES = {"image_size": SIZE, "feature_stride": 4, "backbone_layers": (0, 1), "hidden_dim": 16, "nhead": 2,
-                   "num_encoder_layers": 1, "num_decoder_layers": 1, "dim_feedforward": 32, "neighbor_size": (3, 3),
+MICRO_OVERRIDES = {"image_size": SIZE, "feature_stride": 4, "backbone": "tf_efficientnet_b4", "backbone_layers": (0, 1),
+                   "hidden_dim": 16, "nhead": 2, "num_encoder_layers": 1, "num_decoder_layers": 1, "dim_feedforward": 32, "neighbor_size": (3, 3),
                    "epochs": 2, "train_batch_size": 4, "eval_batch_size": 8, "feature_batch_size": 8,
                    "score_pool_size": 4, "lr": 1e-3}
 MICRO = SPEC.resolve("tiny", MICRO_OVERRIDES)

@@ -33,11 +33,12 @@ Profiles
 ``paper``
     The authors' MVTec-AD configuration above: needs the EfficientNet-b4 file and a GPU.
 ``tiny``
-    The same code at toy scale for a CPU (see :data:`PROFILES`): 64 px images, a randomly
-    initialised EfficientNet-b4 (BatchNorm statistics re-estimated on the training images)
-    truncated after stage 3 (24 + 32 + 56 channels at stride 8: an 8 x 8 token grid), a one-layer
-    64-wide transformer with a 3 x 3 neighbour mask, a larger learning rate. A 16 x 16 grid
-    (stride 4) trained too slowly on a shared 2-core CPU and scored at chance in 12 epochs.
+    The same code at toy scale for a CPU (see :data:`PROFILES`): 128 px images, a randomly
+    initialised ResNet-18 (layer1 + layer2, 192 channels; BatchNorm statistics re-estimated on the
+    training images) aggregated on an 8 x 8 token grid (stride 16), a one-layer 64-wide
+    transformer with a 3 x 3 neighbour mask, 12 epochs at a larger learning rate. On the synthetic
+    set (seed 0): image AUROC 61.6, pixel AUROC 63.2; random EfficientNet-b4 stages 1-4 at the
+    same grid gave 55.0 / 59.5, and a 16 x 16 grid (64 px, stride 4) 52.0 / 40.9.
 """
 
 from __future__ import annotations
@@ -109,9 +110,10 @@ SETTINGS = (
 PROFILES = {
     "paper": {},
     "tiny": {
-        # Random EfficientNet-b4 stem + stages 1-3 (112 channels at stride 8): cheap on a CPU at
-        # 64 px, and its 8 x 8 token grid keeps the attention maps small.
-        "image_size": 64, "backbone_pretrained": False, "backbone_layers": (0, 1, 2), "feature_stride": 8,
+        # Random ResNet-18 layer1 + layer2 (192 channels) at 128 px on an 8 x 8 token grid (stride 16):
+        # image AUROC 61.6 on the synthetic set, where random EfficientNet-b4 stages 1-4 gave 55.0.
+        "image_size": 128, "backbone": "resnet18", "backbone_pretrained": False, "backbone_layers": (1, 2),
+        "feature_stride": 16,
         "feature_batch_size": 60, "eval_batch_size": 60, "hidden_dim": 64, "nhead": 4,
         "num_encoder_layers": 1, "num_decoder_layers": 1, "dim_feedforward": 128, "neighbor_size": (3, 3),
         "epochs": 12, "train_batch_size": 16, "lr": 2e-3, "lr_step": 10, "grad_clip_norm": 1.0,
