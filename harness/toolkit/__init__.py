@@ -5,6 +5,9 @@ One implementation of each:
 - :mod:`harness.toolkit.coreset` — greedy k-center coreset selection on a random projection;
 - :mod:`harness.toolkit.backbones` — timm feature extractors built without weights, their
   ImageNet weights loaded from disk, BatchNorm re-estimation for random backbones;
+- :mod:`harness.toolkit.multiscale` — multi-scale CNN features resized to one grid and concatenated
+  (UniAD's MFCN neck, shared by UniAD and LafitE), with UniAD's EfficientNet padding;
+- :mod:`harness.toolkit.efficientnet` — the EfficientNet-b4 file UniAD loads, renamed for timm;
 - :mod:`harness.toolkit.crops` — centre crops, and maps of a crop put back on the full image;
 - :mod:`harness.toolkit.ops` — ImageNet normalisation, SciPy-exact Gaussian smoothing, map
   resizing, chunked nearest-neighbour distances;

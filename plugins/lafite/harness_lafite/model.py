@@ -8,7 +8,7 @@ Fit (three checkpointed stages, :mod:`harness.checkpoint`; a killed fit resumes 
     1. ``features``: the backbone gets the weights UniAD uses (``backbone_pretrained``), or seeded
        random weights with BatchNorm statistics re-estimated on the fitting images (``tiny``,
        ``--weights random``); recorded in ``context.info["backbone_init"]``. The aggregated
-       feature tensor of every fitting image (:mod:`harness_lafite.features`) is standardised per
+       feature tensor of every fitting image (:mod:`harness.toolkit.multiscale`) is standardised per
        channel with the fitting images' mean and standard deviation when ``feature_standardize``
        (off in ``paper``: neither the paper nor UniAD standardises, and it would reweight the
        channels in Eq. 12's error and the editing distances; on in ``tiny``); editing,
@@ -43,12 +43,11 @@ import numpy as np
 import torch
 
 from harness import FitContext, Method, Prediction, TrainSet
-from harness.toolkit.backbones import read_state
+from harness.toolkit.multiscale import MultiScaleFeatures, load_backbone_weights
 from harness.toolkit.precision import autocast, grad_scaler
 from harness.toolkit.pseudo_validation import make_pseudo_validation, split_holdout
 from harness_lafite.diffusion import build_noise_schedule, build_unet, diffusion_loss, reconstruct
 from harness_lafite.editing import WEIGHTINGS, coreset_bank, edit_features
-from harness_lafite.features import MultiScaleFeatures, convert_efficientnet_pytorch, is_efficientnet_pytorch_state
 from harness_lafite.scoring import image_scores, reconstruction_maps
 from harness_lafite.selection import select_tau_then_k
 
@@ -122,15 +121,7 @@ class LafitE(Method):
         files = [] if context.random_weights else weight_files(s)
         if files:
             path = context.weights.resolve(files[0], s)
-            state = read_state(path)
-            if is_efficientnet_pytorch_state(state):
-                state = convert_efficientnet_pytorch(state, self.features.backbone)
-            missing, _ = self.features.backbone.load_state_dict(state, strict=False)
-            if missing:
-                from harness import WeightsNotFoundError
-
-                raise WeightsNotFoundError(f"{path} does not fit {files[0].what}: {len(missing)} missing tensors, "
-                                           f"e.g. {', '.join(missing[:3])}")
+            load_backbone_weights(self.features, path, files[0].what)
             info = {"backbone_init": "imagenet", "backbone_weights": str(path)}
         else:
             self.features.to(self.device)

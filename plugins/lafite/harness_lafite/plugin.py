@@ -14,7 +14,7 @@ pseudo-validation set of synthetic anomalies (tau with editing off, then K).
 The backbone is the file UniAD loads (its ``experiments/MVTec-AD/config.yaml``:
 ``efficientnet-b4-6ed6700e.pth``; EfficientNet-PyTorch's release of the TensorFlow ImageNet
 checkpoint), run as timm's ``tf_efficientnet_b4`` with UniAD's padding
-(:mod:`harness_lafite.features`). Every choice the paper leaves open is a setting whose
+(:mod:`harness.toolkit.multiscale`). Every choice the paper leaves open is a setting whose
 ``choice`` text says what the default is and why; ``harness describe lafite`` lists them and
 every record repeats them.
 
@@ -36,24 +36,13 @@ from __future__ import annotations
 
 from harness import EvalGrid, MethodSpec, PaperRef, Resources, Setting, WeightFile, hookimpl
 from harness.settings import eval_batch_size, image_size, interpolation, precision
+from harness.toolkit.efficientnet import UNIAD_EFFICIENTNET_B4
 
 PAPER = PaperRef(
     title="LafitE: Latent Diffusion Model with Feature Editing for Unsupervised Multi-class Anomaly Detection",
     venue="arXiv 2023",
     url="https://arxiv.org/abs/2307.08059",
     code="",
-)
-
-#: The EfficientNet-b4 ImageNet weights UniAD loads (``pretrained_model`` in its MVTec-AD config,
-#: the ``efficientnet-b4`` entry of its ``model_urls``): EfficientNet-PyTorch's port of the
-#: TensorFlow checkpoint. The hex digits in the name are not a sha256 prefix (unlike
-#: torchvision's), so nothing is pinned; the record lists the file's sha256.
-UNIAD_EFFICIENTNET_B4 = WeightFile(
-    key="backbone", what="EfficientNet-b4 ImageNet weights as UniAD loads them (EfficientNet-PyTorch 1.0 release, "
-                         "TensorFlow port)",
-    filenames=("efficientnet-b4-6ed6700e.pth",),
-    url="https://github.com/lukemelas/EfficientNet-PyTorch/releases/download/1.0/efficientnet-b4-6ed6700e.pth",
-    setting="backbone_weights_file",
 )
 
 #: The paper's range of the corruption step is in its Fig. 6, which our copy does not have: the

@@ -1,6 +1,6 @@
-"""Hierarchical feature extraction with multi-scale aggregation (LafitE, Section 3.1, Eq. 1).
+"""Multi-scale CNN features resized to one grid and concatenated (UniAD's MFCN neck; LafitE's Eq. 1).
 
-A frozen CNN gives the feature maps of several stages; each is resized bilinearly to one
+Shared by UniAD and LafitE. A frozen CNN gives the feature maps of several stages; each is resized bilinearly to one
 ``grid`` x ``grid`` lattice and the maps are concatenated along the channel axis. With
 EfficientNet-b4 and timm's stages 0-3 (strides 2, 4, 8, 16; 24 + 32 + 56 + 160 = 272 channels)
 this is UniAD's aggregation, which LafitE follows ("stages 1 to 4", UniAD counts from 1; UniAD's
@@ -9,16 +9,22 @@ blocks 1, 5, 9 and 21 of its flat block list). UniAD resizes with ``UpsamplingBi
 
 The backbone UniAD builds is not timm's: it is its copy of EfficientNet-PyTorch 0.7.1
 (lukemelas), loaded from ``efficientnet-b4-6ed6700e.pth``, the TensorFlow EfficientNet-b4
-ImageNet checkpoint ported to PyTorch (see :data:`harness_lafite.plugin.UNIAD_EFFICIENTNET_B4`).
+ImageNet checkpoint ported to PyTorch (see :data:`harness.toolkit.efficientnet.UNIAD_EFFICIENTNET_B4`).
 timm's ``tf_efficientnet_b4`` is the same network (TensorFlow "SAME" padding, BatchNorm eps
-1e-3), with other parameter names: :func:`convert_efficientnet_pytorch` renames the file's
+1e-3), with other parameter names: :func:`harness.toolkit.efficientnet.convert_efficientnet_pytorch` renames the file's
 tensors. One difference remains: EfficientNet-PyTorch pads statically, with the padding computed
 for the network's native input (380 px for b4), while timm pads dynamically for the actual input.
 At 224 px the two differ in one place, the stride-2 5 x 5 depthwise convolution that opens
 stage 3 (timm ``blocks.2.0.conv_dw``): UniAD pads it (2, 2) on each axis, TensorFlow's rule at
 224 px pads (1, 2), which shifts that stage's and every later stage's features by one pixel
 (at stride 4). :func:`use_static_same_padding` gives timm's network UniAD's padding (setting
-``backbone_padding="uniad"``).
+``backbone_padding="uniad"``). :func:`load_backbone_weights` reads a declared file into the
+extractor (either naming), :meth:`MultiScaleFeatures.reinitialise` gives seeded random weights.
+
+UniAD's MFCN resizes stage ``i`` by ``scale_factor = stride_i / 16`` with
+``UpsamplingBilinear2d``; with ``align_corners=True`` the sampling positions depend only on the
+input and output sizes, so resizing to ``size=(grid, grid)`` is the same operation (224 px:
+112, 56, 28 -> 14; the stride-16 stage is left as it is, as a scale factor of 1 leaves it).
 """
 
 from __future__ import annotations
@@ -216,71 +222,30 @@ def use_static_same_padding(backbone: nn.Module, reference_size: int | None = No
     return replaced
 
 
-# ---------------------------------------------------------------------------------------------- weights
-
-#: EfficientNet-PyTorch names inside a block -> timm names, for blocks with an expansion
-#: convolution (timm ``InvertedResidual``) and without one (timm ``DepthwiseSeparableConv``).
-_EXPANDED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-             "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand", "_project_conv": "conv_pwl",
-             "_bn2": "bn3"}
-_DEPTHWISE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_se_reduce": "se.conv_reduce",
-              "_se_expand": "se.conv_expand", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-
-
-def is_efficientnet_pytorch_state(state: Mapping[str, torch.Tensor]) -> bool:
-    """Whether a state dict uses EfficientNet-PyTorch's (and UniAD's) names (``_conv_stem``, ``_blocks.N``)."""
-    return "_conv_stem.weight" in state and any(k.startswith("_blocks.") for k in state)
-
-
-def convert_efficientnet_pytorch(state: Mapping[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
-    """Rename an EfficientNet-PyTorch state dict for a timm ``tf_efficientnet_*`` network.
-
-    EfficientNet-PyTorch numbers its blocks in one flat list; timm nests them by stage. The
-    flat index is mapped onto ``target.blocks`` stage by stage (blocks ``target`` does not have,
-    e.g. the ones :func:`drop_unused_blocks` removed, are left out, as are the classifier head's
-    tensors when ``target`` has none). Shapes are checked, so a file for another width fails here.
+def load_backbone_weights(features: MultiScaleFeatures, path, what: str) -> None:
+    """Load a backbone weight file into ``features.backbone`` (timm or EfficientNet-PyTorch names).
 
     Parameters
     ----------
-    state : mapping
-        The file's tensors (``_conv_stem.weight``, ``_blocks.0._depthwise_conv.weight``, ...).
-    target : torch.nn.Module
-        The timm network (full or ``features_only``) the result is loaded into.
-
-    Returns
-    -------
-    dict
-        timm-named tensors.
+    features : MultiScaleFeatures
+    path : path-like
+        The resolved file (safetensors, or a PyTorch file read with ``weights_only=True``).
+    what : str
+        What the file is, for the error message.
 
     Raises
     ------
-    ValueError
-        When a tensor's shape differs from the target's.
+    harness.WeightsNotFoundError
+        When a tensor of the backbone is missing from the file (it is not the backbone it claims).
     """
-    flat = [f"blocks.{s}.{j}" for s, stage in enumerate(target.blocks) for j in range(len(stage))]
-    wanted = target.state_dict()
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        head, _, rest = key.partition(".")
-        if head == "_blocks":
-            index, _, inner = rest.partition(".")
-            if int(index) >= len(flat):
-                continue
-            module, _, leaf = inner.partition(".")
-            expanded = f"_blocks.{index}._expand_conv.weight" in state
-            names = _EXPANDED if expanded else _DEPTHWISE
-            if module not in names:
-                raise ValueError(f"unknown EfficientNet-PyTorch tensor {key}")
-            name = f"{flat[int(index)]}.{names[module]}.{leaf}"
-        elif head in _TOP:
-            name = f"{_TOP[head]}.{rest}"
-        else:
-            raise ValueError(f"unknown EfficientNet-PyTorch tensor {key}")
-        if name not in wanted:
-            continue
-        if tuple(wanted[name].shape) != tuple(value.shape):
-            raise ValueError(f"{key} has shape {tuple(value.shape)}, but {name} of the network is "
-                             f"{tuple(wanted[name].shape)}: the file is for another EfficientNet")
-        out[name] = value
-    return out
+    from harness.errors import WeightsNotFoundError
+    from harness.toolkit.backbones import read_state
+    from harness.toolkit.efficientnet import convert_efficientnet_pytorch, is_efficientnet_pytorch_state
+
+    state = read_state(path)
+    if is_efficientnet_pytorch_state(state):
+        state = convert_efficientnet_pytorch(state, features.backbone)
+    missing, _ = features.backbone.load_state_dict(state, strict=False)
+    if missing:
+        raise WeightsNotFoundError(f"{path} does not fit {what}: {len(missing)} missing tensors, "
+                                   f"e.g. {', '.join(missing[:3])}")
