@@ -142,9 +142,9 @@ def prepare_inference(method: Any, precision: str = "fp32", mode: str = "cast", 
                 net.to(memory_format=torch.channels_last)
                 setup.channels_last.append(name)
     if compile_mode != "none":
-        import torch._dynamo
+        from torch import _dynamo
 
-        torch._dynamo.config.suppress_errors = True
+        _dynamo.config.suppress_errors = True
         for name, net in nets.items():
             net.compile(mode=compile_mode)
             setup.compiled.append(name)
