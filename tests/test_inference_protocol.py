@@ -122,3 +122,52 @@ def test_limit_share_uses_the_peak_of_the_mode():
     assert share["limit_mode"] == "bf16" and share["limit_share"] == pytest.approx(100 / 989.4, rel=1e-3)
     assert limit_share(1e12, 100.0, "NVIDIA A100-SXM4-80GB", "fp32", tf32=True)["peak_tflops"] == 156.0
     assert limit_share(1e9, 10.0, None, "fp32", tf32=False)["limit_share"] is None
+
+
+class _Conv:
+    """A method-like object with one small convolutional network."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.Conv2d(8, 1, 1))
+        self.device = torch.device("cpu")
+
+    def networks(self):
+        return {"net": self.net}
+
+
+def test_cast_mode_casts_once_and_accepts_float32_inputs():
+    from harness.acceleration import prepare_inference
+
+    method = _Conv()
+    x = torch.rand(2, 3, 16, 16)
+    reference = method.net(x)
+    setup = prepare_inference(method, "bf16", "cast", "none")
+    assert all(p.dtype == torch.bfloat16 for p in method.net.parameters())
+    assert setup.cast_networks == ["net"] and setup.channels_last == ["net"]
+    out = method.net(x)  # a float32 input is cast on the way in
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), reference, atol=0.05)
+    assert setup.record()["precision_mode"] == "bf16-cast"
+
+
+def test_autocast_mode_and_fp32_leave_the_weights_alone():
+    from harness.acceleration import prepare_inference
+
+    for precision, mode in (("bf16", "autocast"), ("fp32", "cast")):
+        method = _Conv()
+        setup = prepare_inference(method, precision, mode, "none")
+        assert all(p.dtype == torch.float32 for p in method.net.parameters()) and not setup.cast_networks
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning():
+    from harness.acceleration import InferenceSetup
+
+    method = _Conv()
+    method.net._compiled_call_impl = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("inductor broke"))
+    setup = InferenceSetup(compile="default", compiled=["net"], _nets=method.networks())
+    with pytest.warns(RuntimeWarning, match="inductor broke"):
+        assert setup.fall_back(RuntimeError("inductor broke"))
+    assert method.net._compiled_call_impl is None and "inductor broke" in setup.fallback
+    assert not setup.fall_back(RuntimeError("again"))  # once only
+    method.net(torch.rand(1, 3, 8, 8))

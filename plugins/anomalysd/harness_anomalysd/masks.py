@@ -171,10 +171,12 @@ def variance_threshold(values: torch.Tensor) -> torch.Tensor:
     # A split between equal values is not a threshold: "E < r" would cut a tie in two.
     valid = v[1:] > v[:-1]
     cost = torch.where(valid, cost, torch.full_like(cost, float("inf")))
-    # Indexing with the argmin tensor (not int(argmin)) keeps this on the device: no host read.
-    best = torch.argmin(cost)
+    # index_select with the argmin tensor (not int(argmin), nor v[tensor], which reads it on the
+    # host) keeps this on the device.
+    best = torch.argmin(cost).view(1)
+    pair = v.index_select(0, torch.cat([best, best + 1]))
     # Midway between the two sets, so that {E >= r} and {E > r} (Eq. 15) are the same set.
-    r = (v[best] + v[best + 1]) / 2
+    r = (pair[0] + pair[1]) / 2
     return torch.where(v[0] == v[-1], v[-1], r).to(values.dtype)
 
 
