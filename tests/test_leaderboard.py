@@ -297,3 +297,14 @@ def test_compare_accuracy_can_compare_the_means_only(results, tmp_path):
     frame.to_csv(fresh, index=False)
     assert compare_accuracy(fresh, committed) != []
     assert compare_accuracy(fresh, committed, categories=("mean",)) == []
+
+
+def test_share_of_the_device_limit_is_a_column_only_when_a_record_has_it(tmp_path):
+    plain, gpu = tmp_path / "plain", tmp_path / "gpu"
+    _write(plain, _record("alpha", 0, 0.9))
+    record = _record("alpha", 0, 0.9)
+    record["efficiency"]["limit_share"] = 0.27
+    _write(gpu, record)
+    assert "% of limit" not in build_leaderboard(plain, per_category=False)
+    text = build_leaderboard(gpu, per_category=False)
+    assert "% of limit" in text and "27" in text
