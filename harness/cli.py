@@ -41,6 +41,13 @@ def _parse_sets(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _eval_batch_size(text: str | None) -> str | None:
+    """``--eval-batch-size``: None, ``auto`` or a positive integer (as text)."""
+    if text is None or text == "auto":
+        return text
+    return str(_positive_int(text, "--eval-batch-size"))
+
+
 def _method_overrides(registry: Any, methods: Sequence[str], texts: Mapping[str, str], precision: str | None,
                       explicit: bool) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Typed overrides per method from ``--set`` (``KEY`` or ``METHOD.KEY``) and ``--precision``.
@@ -181,7 +188,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         weights_dir=Path(args.weights_dir) if args.weights_dir else None, progress=False if args.no_progress else None,
         fast_dev_run=args.fast_dev_run, weights=args.weights, checkpoint_interval=args.checkpoint_interval,
         executor=args.executor, save_maps=args.save_maps, job_gpus=args.job_gpus, job_cpus=args.job_cpus,
-        ray_address=args.address, retries=args.retries,
+        ray_address=args.address, retries=args.retries, precision_mode=args.precision_mode, tf32=args.tf32,
+        compile=args.compile, eval_batch_size=_eval_batch_size(args.eval_batch_size),
     )
     if args.executor == "inprocess":
         # A CUDA request on a machine without CUDA is a usage error, found now; on a cluster the
@@ -593,7 +601,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pixel grid of the metrics: harness (one rule for every method, default) or paper (each "
                           "paper's own mask resizing and binarisation, to reproduce its number; recorded)")
     run.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
-                     help="numeric precision (autocast; default: each paper's, i.e. the profile's)")
+                     help="numeric precision (default: each paper's, i.e. the profile's); at inference the frozen "
+                          "networks are cast once (see --precision-mode)")
+    run.add_argument("--precision-mode", default="cast", choices=["cast", "autocast"],
+                     help="low-precision inference: cast the frozen networks once (default) or autocast over fp32 "
+                          "weights; recorded")
+    run.add_argument("--tf32", default="off", choices=["on", "off"],
+                     help="TF32 for CUDA matmuls and convolutions (default off: fp32 is fp32); recorded")
+    run.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead"],
+                     help="torch.compile each network for inference (falls back to eager with a warning); recorded")
+    run.add_argument("--eval-batch-size", default=None, metavar="N|auto",
+                     help="images per predict call for every method; auto: the largest that fits the device "
+                          "(default: each method's eval_batch_size); predictions do not depend on it")
     run.add_argument("--weights", default="pretrained", choices=["pretrained", "random"],
                      help="random: build the architecture with seeded random weights (records marked, never ranked)")
     run.add_argument("--fast-dev-run", action="store_true",

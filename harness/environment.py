@@ -42,7 +42,10 @@ def git_revision() -> str | None:
 #: all of them (and on code, data and seed) hold the same numbers. Training a network is chaotic
 #: enough that another CPU kernel family (AVX2 vs AVX-512) moves a tiny profile's AUROC by
 #: several points, so comparisons of numbers check these first (:mod:`harness.leaderboard`).
-NUMERICS_KEYS: tuple[str, ...] = ("torch", "device", "device_name", "cpu_model", "cpu_capability", "torch_threads")
+#: ``precision`` (``fp32``, ``bf16-cast``, ``bf16-autocast``...), ``tf32`` and ``compile`` are how
+#: a job ran inference (:mod:`harness.acceleration`), set per job by the runner.
+NUMERICS_KEYS: tuple[str, ...] = ("torch", "device", "device_name", "cpu_model", "cpu_capability", "torch_threads",
+                                  "precision", "tf32", "compile")
 
 
 def cpu_model() -> str:

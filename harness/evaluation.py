@@ -1,7 +1,12 @@
 """Evaluation: predict every test image, check the output, resize, and score each category.
 
 For each category of a fit unit, test images go to ``predict`` in batches of the method's
-``eval_batch_size``; the clock runs only around ``predict`` (:mod:`harness.efficiency`). Each
+``eval_batch_size`` (or the largest that fits the device, ``--eval-batch-size auto``), each with
+one seed per image (:func:`harness.method.image_seed`), so predictions do not depend on the batch
+size. The clock runs only around ``predict``, by one protocol for every method
+(:mod:`harness.efficiency`): the first call at each input shape is a warm-up, FPS and its spread
+come from the warm calls (the largest batch is repeated when the test set leaves fewer than
+``min_calls``), latency from warm batch-1 calls after the batch-1 call that counts FLOPs. Each
 batch's output is checked (:func:`check_prediction`: type, shapes, NaN/inf, naming the images),
 its maps are resized bilinearly to the evaluation grid and streamed with the ground-truth masks
 into the exact metric engine (:class:`harness.metrics.MetricAccumulator`), so the maps are not
@@ -22,7 +27,7 @@ The grid (:class:`harness.EvalGrid`, ``--eval-grid``)
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +37,7 @@ from harness.data import (ImageCache, Sample, read_image, read_mask, resize_mask
                           to_tensor)
 from harness.efficiency import PredictTimer, count_flops
 from harness.errors import HarnessError, MethodOutputError
-from harness.method import Method, Prediction, as_numpy
+from harness.method import Method, Prediction, as_numpy, call_predict, image_seed
 from harness.metrics import CategoryScores, MetricAccumulator
 from harness.metrics.builtin import STANDARD_METRICS
 from harness.progress import Progress
@@ -166,15 +171,21 @@ class Evaluator:
     images : ImageCache
     progress : Progress
     latency_repeats : int
+        Warm batch-1 calls timed for the latency figure.
     sinks : sequence of MapSink
         Receive every batch of checked, resized maps.
     grid : EvalGrid, optional
         The pixel grid (default: the harness grid at ``eval_size``).
+    seed : int
+        The job's seed; with each image's key it gives the image's inference seed.
+    min_calls : int
+        Warm calls the FPS figure needs; the largest batch is repeated to reach them.
     """
 
     def __init__(self, dataset: str, metrics: Sequence[MetricSpec], eval_size: int | None, device: torch.device,
-                 images: ImageCache, progress: Progress, latency_repeats: int = 3,
-                 sinks: Sequence[MapSink] = (), grid: EvalGrid | None = None) -> None:
+                 images: ImageCache, progress: Progress, latency_repeats: int = 5,
+                 sinks: Sequence[MapSink] = (), grid: EvalGrid | None = None, seed: int = 0,
+                 min_calls: int = 5) -> None:
         self.dataset = dataset
         self.metrics = list(metrics)
         self.eval_size = eval_size
@@ -184,9 +195,14 @@ class Evaluator:
         self.progress = progress
         self.latency_repeats = latency_repeats
         self.sinks = list(sinks)
+        self.seed = int(seed)
+        self.min_calls = int(min_calls)
         self.timer = PredictTimer(device)
         self.flops_per_image: int | None = None
-        self._warmed = False
+        self._latency_done = False
+        self._largest: tuple[list[Sample], torch.Tensor] | None = None
+        #: Called with the error of a failed ``predict``; True means "retry" (the compile fallback).
+        self.fallback: Callable[[BaseException], bool] | None = None
         # The standard seven are streamed; maps are kept only for a metric plugin that may read them.
         self.keep_maps = any(spec not in STANDARD_METRICS and getattr(spec, "needs_maps", True) for spec in self.metrics)
 
@@ -201,13 +217,64 @@ class Evaluator:
         return [([samples[i] for i in run], to_tensor([arrays[i] for i in run]).to(self.device))
                 for run in same_shape_runs(arrays)]
 
-    def warm_up(self, method: Method, sample: Sample) -> None:
-        """One untimed call (with the flop counter), then the single-image latency calls."""
+    def predict(self, method: Method, batch: Sequence[Sample], images: torch.Tensor, scored: bool = True) -> Prediction:
+        """One timed ``predict`` call on ``batch`` (seeded per image), filed by the timing protocol."""
+        seeds = [image_seed(self.seed, s.key) for s in batch]
+        categories = [s.category for s in batch]
+        try:
+            return self.timer.time(lambda: call_predict(method, images, categories, seeds), len(batch),
+                                   shape=tuple(images.shape), scored=scored)
+        except Exception as exc:  # noqa: BLE001 - a compiled call may fail where eager works
+            if self.fallback is None or not self.fallback(exc):
+                raise
+            self.timer.new_method()
+            return self.timer.time(lambda: call_predict(method, images, categories, seeds), len(batch),
+                                   shape=tuple(images.shape), scored=scored)
+
+    def measure_latency(self, method: Method, sample: Sample) -> None:
+        """Batch 1: one untimed call under the flop counter (it also warms that shape), then the
+        timed latency calls."""
         image = self._tensor(method, [sample])
-        _, self.flops_per_image = count_flops(lambda: method.predict(image, [sample.category]))
+        seeds = [image_seed(self.seed, sample.key)]
+        _, self.flops_per_image = count_flops(lambda: call_predict(method, image, [sample.category], seeds))
         for _ in range(self.latency_repeats):
-            self.timer.latency(lambda: method.predict(image, [sample.category]))
-        self._warmed = True
+            self.timer.latency(lambda: call_predict(method, image, [sample.category], seeds))
+        self._latency_done = True
+
+    def top_up(self, method: Method) -> None:
+        """Repeat the largest batch (outputs discarded) until the timer has ``min_calls`` warm calls."""
+        if self._largest is None:
+            return
+        batch, images = self._largest
+        while self.timer.warm_calls < self.min_calls:
+            self.predict(method, batch, images, scored=False)
+
+    def auto_batch_size(self, method: Method, sample: Sample, limit: int) -> int:
+        """The largest batch (doubling from the method's, at most ``limit``) that ``predict`` fits on the device.
+
+        On the CPU, memory is not the limit and larger batches do not pay: the method's own batch
+        size stays. On CUDA, a batch that runs out of memory ends the search.
+        """
+        size = max(1, int(method.eval_batch_size))
+        if self.device.type != "cuda":
+            return min(size, max(1, limit))
+        image = self._tensor(method, [sample])
+        best, trial = 0, min(size, limit)
+        while trial <= limit:
+            try:
+                with torch.no_grad():
+                    call_predict(method, image.expand(trial, *image.shape[1:]).contiguous(), [sample.category] * trial,
+                                 list(range(trial)))
+                torch.cuda.synchronize(self.device)
+                best = trial
+            except torch.cuda.OutOfMemoryError:
+                break
+            finally:
+                torch.cuda.empty_cache()
+            if trial == limit:
+                break
+            trial = min(trial * 2, limit)
+        return max(best, 1)
 
     def predict_unscored(self, method: Method, samples: Sequence[Sample]) -> Iterator[tuple[Sample, np.ndarray, float]]:
         """Predict images outside the scored test set (validation, private test sets), untimed.
@@ -218,7 +285,9 @@ class Evaluator:
         with torch.no_grad():
             for start in range(0, len(samples), method.eval_batch_size):
                 for batch, images in self._groups(method, list(samples[start:start + method.eval_batch_size])):
-                    maps, scores = check_prediction(method.predict(images, [s.category for s in batch]), batch)
+                    seeds = [image_seed(self.seed, s.key) for s in batch]
+                    maps, scores = check_prediction(call_predict(method, images, [s.category for s in batch], seeds),
+                                                    batch)
                     yield from zip(batch, maps, (float(v) for v in scores))
 
     def on_grid(self, sample: Sample, amap: np.ndarray) -> np.ndarray:
@@ -245,15 +314,21 @@ class Evaluator:
         """
         out: dict[str, dict[str, float]] = {}
         total = sum(len(s) for s in tests.values())
+        self.timer.new_method()
+        self._largest = None
+        first: Sample | None = None
         with torch.no_grad(), self.progress.bar(total=total, desc=f"{label} test".strip(), unit="img") as bar:
             for category, samples in tests.items():
                 if not samples:
                     continue
-                if not self._warmed:
-                    self.warm_up(method, samples[0])
+                first = first or samples[0]
                 scores = self.score_category(method, category, samples, bar)
                 scores.validation_threshold = (thresholds or {}).get(category)
                 out[category] = {m.name: float(m.compute(scores)) for m in self.metrics}
+            self.top_up(method)
+            if first is not None and not self._latency_done:
+                self.measure_latency(method, first)
+        self._largest = None
         return out
 
     def score_category(self, method: Method, category: str, samples: Sequence[Sample], bar: Any) -> CategoryScores:
@@ -263,7 +338,9 @@ class Evaluator:
         runs = (run for start in range(0, len(samples), method.eval_batch_size)
                 for run in self._groups(method, samples[start:start + method.eval_batch_size]))
         for batch, images in runs:
-            prediction = self.timer.time(lambda: method.predict(images, [s.category for s in batch]), len(batch))
+            prediction = self.predict(method, batch, images)
+            if self._largest is None or len(batch) > len(self._largest[0]):
+                self._largest = (list(batch), images)
             batch_maps, batch_scores = check_prediction(prediction, batch)
             batch_masks = [ground_truth(sample, self.eval_size, self.grid) for sample in batch]
             if self.grid.name == "harness":
@@ -296,8 +373,9 @@ class Evaluator:
         )
 
     def efficiency(self) -> dict[str, Any]:
-        """FPS, latency, FLOPs, peak memory and prediction time of everything evaluated."""
+        """The timing protocol's figures, FLOPs, peak memory and prediction time of everything evaluated."""
         memory, kind = self.timer.peak_memory()
-        return {"fps": self.timer.fps, "latency_ms": self.timer.latency_ms, "predict_seconds": self.timer.seconds,
-                "n_test_images": self.timer.images, "flops_per_image": self.flops_per_image,
-                "peak_memory_mb": memory, "peak_memory_kind": kind, "device": str(self.device)}
+        out = self.timer.summary()
+        out.update(flops_per_image=self.flops_per_image, peak_memory_mb=memory, peak_memory_kind=kind,
+                   device=str(self.device), min_timed_calls=self.min_calls)
+        return out

@@ -56,7 +56,7 @@ from harness.reported import load_reported, select_reported
 from harness.specs import MetricSpec
 
 EFFICIENCY_METRICS: tuple[str, ...] = ("fps", "params", "latency_ms", "train_seconds", "predict_seconds",
-                                       "flops_per_image", "peak_memory_mb", "eval_batch_size")
+                                       "flops_per_image", "peak_memory_mb", "eval_batch_size", "limit_share")
 
 
 @dataclass(frozen=True)
@@ -556,6 +556,12 @@ def _summary_table(agg: pd.DataFrame, reported: list[tuple[str, dict[tuple[str, 
     columns = list(cols.accuracy) + ["fps"]
     header = ["Method", *[cols.label(m) for m in cols.accuracy], "FPS", "Params (M)", "n seeds"]
     summary = agg[agg["category"] == "mean"]
+    # On a GPU of known peak the records hold the share of the device's limit (harness.flops);
+    # CPU-only tables keep their columns.
+    shares = summary[summary["metric"] == "limit_share"]["mean"]
+    show_limit = bool(len(shares)) and bool(shares.notna().any())
+    if show_limit:
+        header.append("% of limit")
     variants = _variants(agg)
     means: dict[str, list[Any]] = {c: [] for c in columns}
     rows: list[list[str]] = []
@@ -570,6 +576,9 @@ def _summary_table(agg: pd.DataFrame, reported: list[tuple[str, dict[tuple[str, 
             row.append(_mean_std(mean, std, n_seeds, style))
         params = part["mean"].get("params", math.nan)
         row += [_number(params / 1e6 if not pd.isna(params) else params, style), str(n_seeds)]
+        if show_limit:
+            share = part["mean"].get("limit_share", math.nan)
+            row.append(_number(share * 100 if not pd.isna(share) else share, style))
         rows.append(row)
     for index, column in enumerate(columns, start=1):
         for row, best in zip(rows, _best_mask(means[column], cols.higher_is_better(column))):
@@ -579,7 +588,7 @@ def _summary_table(agg: pd.DataFrame, reported: list[tuple[str, dict[tuple[str, 
         row = [style.text(label)] + [_number(values.get(("mean", m)), style) for m in cols.names]
         if cols.mad_metrics:
             row.append(_number(_reported_mad(values, cols), style))
-        row += [style.dash, style.dash, style.dash]
+        row += [style.dash, style.dash, style.dash] + ([style.dash] if show_limit else [])
         rows.append(row)
     return style.table(header, rows)
 

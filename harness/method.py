@@ -8,6 +8,12 @@ A method plugin's factory returns a :class:`Method`. The runner calls, in order:
     method.eval()
     prediction = method.predict(images, categories)   # batches of test images, no gradients
 
+A method that draws noise at inference declares ``predict(images, categories, seeds=None)``:
+the runner then passes one seed per image (:func:`image_seed`: the job's seed and the image's
+key), so that a method drawing each image's noise from its own seed
+(:class:`harness.toolkit.noise.ImageNoise`) predicts the same at any batch size. Methods
+without the argument are called as before (:func:`call_predict`).
+
 and stores ``method.state_dict()`` after ``fit`` so that a finished fit is reused: for a fresh
 instance, ``load_state_dict(state_dict())`` must reproduce the predictions exactly
 (:func:`harness.testing.check_method` checks it).
@@ -16,6 +22,8 @@ instance, ``load_state_dict(state_dict())`` must reproduce the predictions exact
 from __future__ import annotations
 
 import abc
+import hashlib
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -250,4 +258,31 @@ def as_numpy(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().float().cpu().numpy()
     return np.asarray(value, dtype=np.float32)
+
+
+def image_seed(job_seed: int, key: str) -> int:
+    """The inference seed of one test image: a 63-bit hash of the job's seed and the image's key.
+
+    It depends on nothing else (not the batch, not the position in the test set), so a method
+    that seeds each image's noise with it predicts the same at any ``eval_batch_size``.
+    """
+    digest = hashlib.sha256(f"{int(job_seed)}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def accepts_seeds(method: Any) -> bool:
+    """Whether ``method.predict`` takes per-image seeds (a ``seeds`` argument or ``**kwargs``)."""
+    try:
+        params = inspect.signature(method.predict).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "seeds" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def call_predict(method: Any, images: torch.Tensor, categories: Sequence[str],
+                 seeds: Sequence[int] | None = None) -> "Prediction":
+    """``method.predict``, with ``seeds`` when the method accepts them (older plugins do not)."""
+    if seeds is not None and accepts_seeds(method):
+        return method.predict(images, categories, seeds=list(seeds))
+    return method.predict(images, categories)
 

@@ -47,7 +47,20 @@ class RunOptions:
     progress : bool or None
         Progress bars; None shows them on a terminal only.
     latency_repeats : int
-        Single-image calls used for the latency figure.
+        Warm single-image calls timed for the latency figure.
+    min_timed_calls : int
+        Warm ``predict`` calls the FPS figure needs (the largest batch is repeated to reach them).
+    eval_batch_size : str or None
+        ``--eval-batch-size``: None keeps each method's ``eval_batch_size``; ``auto`` picks the
+        largest batch that fits the device; a number sets it for every method. Predictions do
+        not depend on it (inference noise is seeded per image), so it is not part of a job's key.
+    precision_mode : str
+        ``cast`` (frozen networks cast once to the method's low precision) or ``autocast``
+        (:mod:`harness.acceleration`).
+    tf32 : str
+        ``on`` or ``off`` (default): TF32 for CUDA matmuls and convolutions.
+    compile : str
+        ``none``, ``default`` or ``reduce-overhead`` (``torch.compile`` of each network).
     fast_dev_run : bool
         Run each job's real code on a few images, one epoch and a few steps per stage.
     weights : str
@@ -81,7 +94,12 @@ class RunOptions:
     fit_cache: bool = True
     weights_dir: Path | None = None
     progress: bool | None = None
-    latency_repeats: int = 3
+    latency_repeats: int = 5
+    min_timed_calls: int = 5
+    eval_batch_size: str | None = None
+    precision_mode: str = "cast"
+    tf32: str = "off"
+    compile: str = "none"
     fast_dev_run: bool = False
     weights: str = "pretrained"
     checkpoint_interval: float = 600.0

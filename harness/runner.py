@@ -29,11 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
+from harness.acceleration import apply_tf32, library_versions, precision_mode, prepare_inference, tf32_flags
 from harness.data import ImageCache
 from harness.environment import environment, seed_everything
 from harness.errors import HarnessError
 from harness.evaluation import Evaluator, MapSink, check_prediction, native_size, resize_map
 from harness.fitting import fit_unit
+from harness.flops import limit_share
 from harness.fsutil import StorageError, move_aside
 from harness.jobs import Job
 from harness.locks import JobLock
@@ -190,7 +194,12 @@ class JobRunner:
         self.registry.call_reporters("harness_job_started", job=job)
         if self._env is None:
             self._env = environment(self.device)
-        record = start_record(planned, self.options, self._env)
+        apply_tf32(self.options.tf32)
+        # The numerics environment of this job: the machine's, plus how inference ran
+        # (harness.environment.NUMERICS_KEYS).
+        env = {**self._env, "tf32": self.options.tf32, "compile": self.options.compile,
+               "precision": precision_mode(str(planned.settings.get("precision", "fp32")), self.options.precision_mode)}
+        record = start_record(planned, self.options, env)
         weights = WeightsResolver(self.options.weights_dir, pull_hint=f"harness weights pull --methods {job.method}")
         seed_everything(job.seed)
         message = ""
@@ -205,6 +214,22 @@ class JobRunner:
         self.registry.call_reporters("harness_job_finished", job=job, record=data)
         return JobOutcome(job, record.status, path, data, message)
 
+    def _batch_size(self, evaluator: Evaluator, method: Any, tests: dict[str, Any]) -> dict[str, Any]:
+        """Apply ``--eval-batch-size`` to ``method``; the record's ``eval_batch_size`` and its source."""
+        choice = self.options.eval_batch_size
+        if choice is None:
+            return {"eval_batch_size": method.eval_batch_size, "eval_batch_size_source": "method setting"}
+        if choice == "auto":
+            largest = max((len(s) for s in tests.values()), default=1)
+            first = next((s[0] for s in tests.values() if s), None)
+            if first is not None:
+                method.eval_batch_size = evaluator.auto_batch_size(method, first, largest)
+            return {"eval_batch_size": method.eval_batch_size,
+                    "eval_batch_size_source": "auto (largest that fits the device)" if self.device.type == "cuda"
+                    else "auto (CPU: the method's own)"}
+        method.eval_batch_size = int(choice)
+        return {"eval_batch_size": method.eval_batch_size, "eval_batch_size_source": "--eval-batch-size"}
+
     def _execute(self, planned: PlannedJob, record: Record, weights: WeightsResolver) -> None:
         from harness.metrics.segf1 import THRESHOLD_METRICS
 
@@ -212,7 +237,8 @@ class JobRunner:
         metrics = self.registry.metric_specs(planned.job.dataset)
         sinks: list[MapSink] = list(self.sinks(planned)) if self.sinks is not None else []
         evaluator = Evaluator(planned.job.dataset, metrics, planned.eval_size, self.device, self.images, self.progress,
-                              self.options.latency_repeats, sinks, grid=planned.grid)
+                              self.options.latency_repeats, sinks, grid=planned.grid, seed=planned.job.seed,
+                              min_calls=self.options.min_timed_calls)
         if planned.unscored:
             from harness.unscored import reset_unscored
 
@@ -232,6 +258,11 @@ class JobRunner:
                 phase = "predict"
                 method.eval()
                 tests = {c: planned.tests[c] for c in unit.test_categories}
+                setup = prepare_inference(method, str(planned.settings.get("precision", "fp32")),
+                                          self.options.precision_mode, self.options.compile)
+                evaluator.fallback = setup.fall_back
+                record.efficiency.update(setup.record())
+                record.efficiency.update(self._batch_size(evaluator, method, tests))
                 # Thresholds from validation normals only (MVTec AD 2's SegF1), before any test image.
                 wanted = planned.unscored or any(m.name in THRESHOLD_METRICS for m in metrics)
                 thresholds = {c: evaluator.validation_threshold(method, planned.validation[c])
@@ -243,8 +274,15 @@ class JobRunner:
 
                     add_unscored(record.artifacts, write_unscored(evaluator, method, unscored, thresholds,
                                                                   planned.record_path))
+                record.efficiency["compile_fallback"] = setup.fallback
                 del method
             record.efficiency.update(evaluator.efficiency())
+            record.efficiency.update(tf32=tf32_flags(), cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
+                                     **library_versions())
+            record.efficiency.update(limit_share(record.efficiency.get("flops_per_image"), record.efficiency.get("fps"),
+                                                 self._env.get("device_name") if self._env else None,
+                                                 str(planned.settings.get("precision", "fp32")),
+                                                 tf32_flags()["matmul"]))
             for sink in sinks:
                 close = getattr(sink, "close", None)
                 if close is not None:

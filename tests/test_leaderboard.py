@@ -272,7 +272,7 @@ def test_numerics_environments_name_where_the_tabled_numbers_were_computed(resul
     envs = numerics_environments(results)
     # The fixture's records carry no environment: one unknown environment, the failed record left out.
     assert envs == [{"torch": None, "device": None, "device_name": None, "cpu_model": None, "cpu_capability": None,
-                     "torch_threads": None, "records": 6}]
+                     "torch_threads": None, "precision": None, "tf32": None, "compile": None, "records": 6}]
     other = tmp_path / "other"
     for seed, capability in ((0, "AVX2"), (1, "AVX512")):
         record = _record("alpha", seed, 0.9)
@@ -297,3 +297,14 @@ def test_compare_accuracy_can_compare_the_means_only(results, tmp_path):
     frame.to_csv(fresh, index=False)
     assert compare_accuracy(fresh, committed) != []
     assert compare_accuracy(fresh, committed, categories=("mean",)) == []
+
+
+def test_share_of_the_device_limit_is_a_column_only_when_a_record_has_it(tmp_path):
+    plain, gpu = tmp_path / "plain", tmp_path / "gpu"
+    _write(plain, _record("alpha", 0, 0.9))
+    record = _record("alpha", 0, 0.9)
+    record["efficiency"]["limit_share"] = 0.27
+    _write(gpu, record)
+    assert "% of limit" not in build_leaderboard(plain, per_category=False)
+    text = build_leaderboard(gpu, per_category=False)
+    assert "% of limit" in text and "27" in text

@@ -16,7 +16,8 @@ One implementation of each:
 - :mod:`harness.toolkit.pseudo_validation` — held-out training images and synthetic anomalies
   pasted onto them, for methods that select hyperparameters without test data;
 - :mod:`harness.toolkit.sd15` — Stable Diffusion v1.5 network configurations (diffusers);
-- :mod:`harness.toolkit.precision` — autocast and gradient scaling for ``--precision``.
+- :mod:`harness.toolkit.precision` — autocast and gradient scaling for ``--precision``;
+- :mod:`harness.toolkit.noise` — inference noise drawn per image (batch-invariant predictions).
 
 Nothing here is imported by ``import harness``: each module loads its libraries when imported.
 """

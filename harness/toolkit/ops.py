@@ -1,6 +1,13 @@
-"""Small tensor operations several methods share (normalisation, smoothing, resizing, k-NN)."""
+"""Small tensor operations several methods share (normalisation, smoothing, resizing, k-NN).
+
+Constant tensors (normalisation vectors, Gaussian kernels, reflection indices) are built once
+per device, dtype and size and kept: building them per call copied them from the host at every
+``predict`` (a blocking copy on CUDA).
+"""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -11,9 +18,29 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def imagenet_normalize(images: torch.Tensor) -> torch.Tensor:
     """Normalise (B, 3, H, W) images in [0, 1] with the ImageNet mean and std."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    mean, std = _imagenet_constants(images.device, images.dtype)
     return (images - mean) / std
+
+
+@functools.lru_cache(maxsize=32)
+def _imagenet_constants(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(1, 3, 1, 1)
+    return mean, std
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_kernel(sigma: float, truncate: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return gaussian_kernel1d(sigma, truncate, device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _reflect_index(size: int, radius: int, device: torch.device) -> torch.Tensor:
+    # Reflect padding larger than the image is not supported by F.pad: fold indices instead.
+    idx = torch.arange(-radius, size + radius, device=device)
+    period = 2 * size
+    idx = torch.remainder(idx, period)
+    return torch.where(idx >= size, period - 1 - idx, idx)
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -46,16 +73,10 @@ def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> to
         return maps
     squeeze = maps.ndim == 3
     x = maps[:, None] if squeeze else maps
-    kernel = gaussian_kernel1d(sigma, truncate, device=x.device, dtype=x.dtype)
+    kernel = _cached_kernel(float(sigma), float(truncate), x.device, x.dtype)
     radius = kernel.numel() // 2
     for dim in (2, 3):
-        size = x.shape[dim]
-        # Reflect padding larger than the image is not supported by F.pad: fold indices instead.
-        idx = torch.arange(-radius, size + radius, device=x.device)
-        period = 2 * size
-        idx = torch.remainder(idx, period)
-        idx = torch.where(idx >= size, period - 1 - idx, idx)
-        x = x.index_select(dim, idx)
+        x = x.index_select(dim, _reflect_index(int(x.shape[dim]), radius, x.device))
         weight = kernel.view(1, 1, -1, 1) if dim == 2 else kernel.view(1, 1, 1, -1)
         channels = x.shape[1]
         x = F.conv2d(x, weight.expand(channels, 1, *weight.shape[2:]), groups=channels)

@@ -157,7 +157,7 @@ def variance_threshold(values: torch.Tensor) -> torch.Tensor:
     """
     v = values.detach().flatten().double().sort().values
     n = v.numel()
-    if n < 2 or v[0] == v[-1]:
+    if n < 2:
         return v[-1].to(values.dtype)
     csum = torch.cumsum(v, 0)
     csq = torch.cumsum(v * v, 0)
@@ -171,9 +171,13 @@ def variance_threshold(values: torch.Tensor) -> torch.Tensor:
     # A split between equal values is not a threshold: "E < r" would cut a tie in two.
     valid = v[1:] > v[:-1]
     cost = torch.where(valid, cost, torch.full_like(cost, float("inf")))
-    best = int(torch.argmin(cost))
+    # index_select with the argmin tensor (not int(argmin), nor v[tensor], which reads it on the
+    # host) keeps this on the device.
+    best = torch.argmin(cost).view(1)
+    pair = v.index_select(0, torch.cat([best, best + 1]))
     # Midway between the two sets, so that {E >= r} and {E > r} (Eq. 15) are the same set.
-    return ((v[best] + v[best + 1]) / 2).to(values.dtype)
+    r = (pair[0] + pair[1]) / 2
+    return torch.where(v[0] == v[-1], v[-1], r).to(values.dtype)
 
 
 def prototype_mask(error: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -53,6 +53,7 @@ from harness import FitContext, Method, Prediction, TrainSet
 from harness.method import FAST_DEV_STEPS
 from harness.toolkit.backbones import create_features, load_weights, recalibrate_batchnorm
 from harness.toolkit.ops import gaussian_blur, imagenet_normalize, nearest_neighbour_distance
+from harness.toolkit.noise import ImageNoise
 from harness.toolkit.precision import autocast, grad_scaler
 from harness.toolkit.pseudo_validation import split_holdout
 from harness.weights import sha256_file
@@ -565,12 +566,15 @@ class AnomalySD(Method):
             z = sampling.add_noise(latents.float(), noise, steps[0], self.abar)
             guidance = self.settings.guidance_scale
             uncond = self.encode_prompts([""]).expand(cond.shape[0], -1, -1) if guidance > 1 else None
+            # The timesteps go to the device once: an int would be copied there at every UNet call.
+            on_device = torch.tensor(steps, device=z.device, dtype=torch.long)
             for i, t in enumerate(steps):
                 inp = self.unet_input(z, masks, z_masked)
                 if uncond is None:
-                    eps = self.unet(inp, t, encoder_hidden_states=cond).sample
+                    eps = self.unet(inp, on_device[i], encoder_hidden_states=cond).sample
                 else:
-                    both = self.unet(torch.cat([inp, inp]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+                    both = self.unet(torch.cat([inp, inp]), on_device[i],
+                                     encoder_hidden_states=torch.cat([uncond, cond])).sample
                     eps_u, eps_c = both.float().chunk(2)
                     eps = eps_u + guidance * (eps_c - eps_u)
                 z = sampling.ddim_step(z.float(), eps.float(), t, steps[i + 1] if i + 1 < len(steps) else None,
@@ -593,8 +597,13 @@ class AnomalySD(Method):
         return torch.cat(out)
 
     @torch.no_grad()
-    def score_maps(self, images: torch.Tensor, categories: Sequence[str], strength: float) -> dict[str, Any]:
+    def score_maps(self, images: torch.Tensor, categories: Sequence[str], strength: float,
+                   seeds: Sequence[int] | None = None) -> dict[str, Any]:
         """Unsmoothed maps of images that share one noise strength.
+
+        ``seeds``: one per image (else by position); each image's starting noise comes from its
+        own seed mixed with ``inference_seed`` (shared by all its masks), so maps do not depend
+        on the batch.
 
         Returns
         -------
@@ -607,8 +616,7 @@ class AnomalySD(Method):
         b, _, height, width = images.shape
         with self._autocast():
             latents = self.encode(images).float()
-        generator = torch.Generator().manual_seed(s.inference_seed)
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        noise = ImageNoise(seeds, b, latents.device, base=s.inference_seed).randn_like(latents)
         cond = torch.stack([self.prompt_embedding(c) for c in categories])
         feats = lpips_features(self.lpips, images)
         per_scale, multi = [], None
@@ -643,19 +651,26 @@ class AnomalySD(Method):
 
     @torch.no_grad()
     def anomaly_maps(self, images: torch.Tensor, categories: Sequence[str],
-                     strengths: Mapping[str, float] | None = None) -> torch.Tensor:
-        """Smoothed final maps (B, H, W), float32; images grouped by their category's λ."""
+                     strengths: Mapping[str, float] | None = None, seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """Smoothed final maps (B, H, W), float32; images grouped by their category's λ.
+
+        ``seeds``: one per image (else by position in ``images``)."""
+        seeds = list(range(images.shape[0])) if seeds is None else list(seeds)
         maps = torch.zeros(images.shape[0], *images.shape[-2:], device=images.device)
         lams = [float(strengths[c]) if strengths and c in strengths else self.noise_strength(c) for c in categories]
         for lam in sorted(set(lams)):
             idx = [i for i, v in enumerate(lams) if v == lam]
-            maps[idx] = self.score_maps(images[idx], [categories[i] for i in idx], lam)["map"].float()
+            maps[idx] = self.score_maps(images[idx], [categories[i] for i in idx], lam,
+                                        [seeds[i] for i in idx])["map"].float()
         return gaussian_blur(maps, self.settings.smoothing_sigma)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, categories: Sequence[str]) -> Prediction:
-        """Anomaly maps (Eq. 21, Gaussian-smoothed) and image scores (their maxima), float32."""
-        maps = self.anomaly_maps(images.to(self.device).float(), categories)
+    def predict(self, images: torch.Tensor, categories: Sequence[str],
+                seeds: Sequence[int] | None = None) -> Prediction:
+        """Anomaly maps (Eq. 21, Gaussian-smoothed) and image scores (their maxima), float32.
+
+        ``seeds``: one per image (the runner's), so predictions do not depend on the batch."""
+        maps = self.anomaly_maps(images.to(self.device).float(), categories, seeds=seeds)
         return Prediction(maps, maps.flatten(1).amax(1))
 
     # ------------------------------------------------------------------ state

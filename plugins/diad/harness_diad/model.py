@@ -69,6 +69,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from harness import FitContext, Method, Prediction, TrainSet, WeightsNotFoundError
 from harness.toolkit.backbones import create_features, load_weights, read_state, recalibrate_batchnorm
 from harness.toolkit.ops import gaussian_blur, imagenet_normalize
+from harness.toolkit.noise import ImageNoise
 from harness.toolkit.precision import autocast, grad_scaler
 from harness.toolkit.scoring import pooled_max
 from harness.weights import sha256_file
@@ -163,9 +164,10 @@ class DiAD(Method):
         return float(self.vae.config.scaling_factor)
 
     def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None,
-               noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Scaled latent ``s (mu + sigma n)``: a sample of the posterior (``noise`` = n, else drawn)."""
-        posterior = self.vae.encode(pixels).latent_dist
+               noise: torch.Tensor | None = None, posterior: Any = None) -> torch.Tensor:
+        """Scaled latent ``s (mu + sigma n)``: a sample of the posterior (``noise`` = n, else drawn;
+        ``posterior``: the autoencoder's output for ``pixels`` when already computed)."""
+        posterior = self.vae.encode(pixels).latent_dist if posterior is None else posterior
         if noise is None:
             noise = torch.randn(posterior.mean.shape, generator=generator, device=pixels.device,
                                 dtype=posterior.mean.dtype)
@@ -483,11 +485,20 @@ class DiAD(Method):
         return x
 
     @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Reconstruction of ``images`` (in [0, 1]) in the autoencoder's pixel space."""
+    def reconstruct(self, images: torch.Tensor, generator: torch.Generator | ImageNoise | None = None) -> torch.Tensor:
+        """Reconstruction of ``images`` (in [0, 1]) in the autoencoder's pixel space.
+
+        ``generator``: one generator for the batch, or per-image streams (:class:`ImageNoise`:
+        each image's posterior sample, then its forward noise, from its own seed).
+        """
         pixels = self.to_pixels(images)
-        z = self.encode(pixels, generator)
-        noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        if isinstance(generator, ImageNoise):
+            posterior = self.vae.encode(pixels).latent_dist
+            z = self.encode(pixels, noise=generator.randn_like(posterior.mean), posterior=posterior)
+            noise = generator.randn_like(z)
+        else:
+            z = self.encode(pixels, generator)
+            noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
         x_t = self.schedule.add_noise(z, noise, self.ddim.noise_step)
         return self.decode(self.sample(x_t, pixels))
 
@@ -502,7 +513,8 @@ class DiAD(Method):
         return gaussian_blur(maps, self.settings.smoothing_sigma)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, categories: Sequence[str]) -> Prediction:
+    def predict(self, images: torch.Tensor, categories: Sequence[str],
+                seeds: Sequence[int] | None = None) -> Prediction:
         """Reconstruct, compare features, smooth; image score = max after repeated average pooling.
 
         Parameters
@@ -511,12 +523,15 @@ class DiAD(Method):
             (B, 3, H, W) in [0, 1].
         categories : sequence of str
             Unused: one model serves every category (the prompt is empty).
+        seeds : sequence of int, optional
+            One per image (the runner's): each image's posterior sample and forward noise come
+            from its own seed mixed with ``inference_seed``, so predictions do not depend on the batch.
         """
         s = self.settings
         images = images.to(self.device).float()
-        generator = torch.Generator(device=images.device).manual_seed(s.inference_seed)
+        noise = ImageNoise(seeds, images.shape[0], images.device, base=s.inference_seed)
         with autocast(self.device, s.precision):
-            recon = self.reconstruct(images, generator)
+            recon = self.reconstruct(images, noise)
         maps = self.anomaly_maps(images, recon.float()).float()
         return Prediction(maps, pooled_max(maps, s.pool_kernel, s.pool_rounds))
 

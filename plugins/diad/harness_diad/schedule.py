@@ -80,13 +80,29 @@ class NoiseSchedule:
         #: The float32 buffer LDM keeps (and its DDIM sampler reads).
         self.alphas_cumprod = self.alphas_cumprod64.astype(np.float32)
 
+    # ---------------------------------------------------------------------------------- tables
+    def tables(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The float32 tables (``sqrt``, ``sqrt_one_minus``, ``abar``) on ``device``, copied there once.
+
+        Sampling reads them by indexing on the device, so a denoising step makes no host copy
+        and no host read.
+        """
+        cache = self.__dict__.setdefault("_device_tables", {})
+        device = torch.device(device)
+        if device not in cache:
+            cache[device] = {"sqrt": torch.from_numpy(self._sqrt).to(device),
+                             "sqrt_one_minus": torch.from_numpy(self._sqrt_one_minus).to(device),
+                             "abar": torch.from_numpy(self.alphas_cumprod).to(device)}
+        return cache[device]
+
     # ---------------------------------------------------------------------------------- noising
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         """``q_sample``: the latent noised to step ``t`` (an int or one step per sample)."""
-        t = torch.as_tensor(t, device="cpu").long().reshape(-1)
+        tables = self.tables(latents.device)
+        index = t.to(latents.device).long().reshape(-1) if isinstance(t, torch.Tensor) else int(t)
         shape = (-1,) + (1,) * (latents.ndim - 1)
-        a = torch.from_numpy(self._sqrt[t.numpy()]).to(latents.device, latents.dtype).reshape(shape)
-        b = torch.from_numpy(self._sqrt_one_minus[t.numpy()]).to(latents.device, latents.dtype).reshape(shape)
+        a = tables["sqrt"][index].to(latents.dtype).reshape(shape)
+        b = tables["sqrt_one_minus"][index].to(latents.dtype).reshape(shape)
         return a * latents + b * noise
 
     # ---------------------------------------------------------------------------------- DDIM
@@ -116,9 +132,9 @@ class NoiseSchedule:
 
     def ddim_step(self, x: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One DDIM step (eta = 0): ``(x_prev, pred_x0)``, in float32 as the authors' sampler."""
-        a_t = torch.tensor(float(self.alphas_cumprod[t]), dtype=torch.float32, device=x.device)
-        prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else self.alphas_cumprod[0]
-        a_prev = torch.tensor(float(prev), dtype=torch.float32, device=x.device)
+        abar = self.tables(x.device)["abar"]
+        a_t = abar[int(t)]
+        a_prev = abar[int(t_prev) if t_prev >= 0 else 0]
         sqrt_one_minus = torch.sqrt(1.0 - a_t)
         x32, e32 = x.float(), eps.float()
         pred_x0 = (x32 - sqrt_one_minus * e32) / a_t.sqrt()

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 from harness import FitContext, Method, Prediction, TrainSet
 from harness.errors import HarnessError, HarnessWarning, WeightsNotFoundError
+from harness.toolkit.noise import ImageNoise
 from harness.toolkit.precision import autocast, grad_scaler
 from harness_diffusionad.networks import SegmentationSubNetwork, build_denoiser
 from harness_diffusionad.synthesis import (DTD_URL, AnomalyTrainingSet, EpochBatches, ForegroundMasks,
@@ -102,9 +103,19 @@ class Schedule:
         return len(self.betas)
 
     def coef(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Coefficient ``name`` at timesteps ``t`` (B,), float32, shaped to broadcast against ``like``."""
-        values = self._tensors[name].to(t.device)[t].float()
+        """Coefficient ``name`` at timesteps ``t`` (B,), float32, shaped to broadcast against ``like``.
+
+        The tables are copied to a device once and kept there: indexing them is then a device
+        gather, with no host copy per call.
+        """
+        values = self._on(t.device)[name][t].float()
         return values.view(-1, *([1] * (like.dim() - 1))).to(like.device)
+
+    def _on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        cache = self.__dict__.setdefault("_device_tensors", {})
+        if device not in cache:
+            cache[device] = {k: v.to(device) for k, v in self._tensors.items()}
+        return cache[device]
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``."""
@@ -453,7 +464,8 @@ class DiffusionAD(Method):
     # ------------------------------------------------------------------ inference
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, categories: Sequence[str]) -> Prediction:
+    def predict(self, images: torch.Tensor, categories: Sequence[str],
+                seeds: Sequence[int] | None = None) -> Prediction:
         """Segment each query against its one-step reconstructions.
 
         Parameters
@@ -462,6 +474,9 @@ class DiffusionAD(Method):
             (B, 3, H, W) in [0, 1].
         categories : sequence of str
             Unused: one model serves every category of the fit.
+        seeds : sequence of int, optional
+            One per image (the runner's): each image's forward-diffusion noise is drawn from its
+            own seed mixed with ``inference_seed``, so predictions do not depend on the batch.
 
         Returns
         -------
@@ -471,10 +486,10 @@ class DiffusionAD(Method):
         s = self.settings
         x0 = self.to_model_range(images.to(self.device).float())
         b = x0.shape[0]
-        generator = torch.Generator(device=x0.device).manual_seed(s.inference_seed)
+        noise = ImageNoise(seeds, b, x0.device, base=s.inference_seed)
         t_low = torch.full((b,), s.levels[0], device=x0.device, dtype=torch.long)
         t_high = torch.full((b,), s.levels[1], device=x0.device, dtype=torch.long)
-        est = self.estimates(x0, t_low, t_high, generator=generator)
+        est = self.estimates(x0, t_low, t_high, noise_low=noise.randn_like(x0), noise_high=noise.randn_like(x0))
         maps = self.segment(x0, est, s.combination)[:, 0]
         return Prediction(maps.float(), top_k_mean(maps, s.top_k).float())
 

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
+
+from harness.toolkit.noise import ImageNoise
 
 
 def build_unet(channels: int, grid: int, base_channels: int = 256, channel_mults: Sequence[int] = (1, 2, 3, 4),
@@ -159,9 +162,28 @@ def reverse_timesteps(tau: int, steps: int) -> list[int]:
     return sorted(set(ts), reverse=True)
 
 
+def cumulative_alphas(schedule: DDPMScheduler) -> np.ndarray:
+    """The schedule's cumulative alphas as a float64 NumPy array, read from the tensor once.
+
+    DDIM's coefficients are computed from it on the host before the loop, so a denoising step
+    reads no tensor (no device sync) and the arithmetic stays in double precision.
+    """
+    cached = getattr(schedule, "_harness_abar64", None)
+    if cached is None:
+        cached = schedule.alphas_cumprod.detach().cpu().double().numpy()
+        schedule._harness_abar64 = cached
+    return cached
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | ImageNoise | None) -> torch.Tensor:
+    if isinstance(generator, ImageNoise):
+        return generator.randn_like(x)
+    return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+
+
 @torch.no_grad()
 def reconstruct(unet: UNet2DModel, schedule: DDPMScheduler, start: torch.Tensor, tau: int, steps: int,
-                eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+                eta: float = 0.0, generator: torch.Generator | ImageNoise | None = None) -> torch.Tensor:
     """Corrupt ``start`` to step tau (Eq. 8 / 11) and denoise it with DDIM (Eq. 7).
 
     Parameters
@@ -177,8 +199,9 @@ def reconstruct(unet: UNet2DModel, schedule: DDPMScheduler, start: torch.Tensor,
         U-Net evaluations on the way back (the DDIM sub-sequence).
     eta : float
         DDIM stochasticity (0: deterministic).
-    generator : torch.Generator, optional
-        Draws the forward noise (and z_t when ``eta > 0``).
+    generator : torch.Generator or ImageNoise, optional
+        Draws the forward noise (and z_t when ``eta > 0``); per-image streams make the result
+        independent of the batch.
 
     Returns
     -------
@@ -188,15 +211,16 @@ def reconstruct(unet: UNet2DModel, schedule: DDPMScheduler, start: torch.Tensor,
     total = int(schedule.config.num_train_timesteps)
     if not 1 <= int(tau) < total:
         raise ValueError(f"tau must be in [1, {total - 1}] (T = {total}), got {tau}")
-    abar = schedule.alphas_cumprod.double()
+    abar = cumulative_alphas(schedule)
     ts = reverse_timesteps(tau, steps)
-    noise = torch.randn(start.shape, device=start.device, dtype=start.dtype, generator=generator)
+    # Python floats, computed once: no tensor is read on the host inside the loop.
+    pairs = [(float(abar[t]), float(abar[ts[i + 1]]) if i + 1 < len(ts) else 1.0) for i, t in enumerate(ts)]
+    noise = _randn_like(start, generator)
     x = schedule.add_noise(start, noise, torch.full((start.shape[0],), ts[0], device=start.device, dtype=torch.long))
-    for i, t in enumerate(ts):
+    for t, (abar_t, prev) in zip(ts, pairs):
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         # float32 even under autocast: the DDIM update itself stays in full precision.
         eps = unet(x, t_batch).sample.float()
-        prev = float(abar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
-        z = (torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator) if eta > 0 else None)
-        x = ddim_update(x, eps, float(abar[t]), prev, eta, z)
+        z = _randn_like(x, generator) if eta > 0 else None
+        x = ddim_update(x, eps, abar_t, prev, eta, z)
     return x

@@ -44,6 +44,7 @@ import torch
 
 from harness import FitContext, Method, Prediction, TrainSet
 from harness.toolkit.multiscale import MultiScaleFeatures, load_backbone_weights
+from harness.toolkit.noise import ImageNoise
 from harness.toolkit.precision import autocast, grad_scaler
 from harness.toolkit.pseudo_validation import make_pseudo_validation, split_holdout
 from harness_lafite.diffusion import build_noise_schedule, build_unet, diffusion_loss, reconstruct
@@ -310,8 +311,10 @@ class LafitE(Method):
         del pv.images
 
         def evaluate(tau: int, k: int | None) -> np.ndarray:
-            return np.concatenate([self._score(feats[i:i + self.eval_batch_size], size, tau, k)[1].cpu().numpy()
-                                   for i in range(0, len(feats), self.eval_batch_size)])
+            # Seeded by index in the held-out set, so the choice does not depend on the batch size.
+            b = self.eval_batch_size
+            return np.concatenate([self._score(feats[i:i + b], size, tau, k, range(i, min(i + b, len(feats))))[1]
+                                   .cpu().numpy() for i in range(0, len(feats), b)])
 
         done = position.extra.setdefault("candidates", {})
 
@@ -333,19 +336,24 @@ class LafitE(Method):
     # ------------------------------------------------------------------ inference
 
     @torch.no_grad()
-    def _score(self, x0: torch.Tensor, size: tuple[int, int], tau: int, k: int | None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Maps (B, H, W) and image scores (B,) of standardised features ``x0`` for given tau, K."""
+    def _score(self, x0: torch.Tensor, size: tuple[int, int], tau: int, k: int | None,
+               seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maps (B, H, W) and image scores (B,) of standardised features ``x0`` for given tau, K.
+
+        ``seeds``: one per image (else by position in the batch); each image's noise is drawn
+        from its own seed mixed with ``inference_seed``.
+        """
         s = self.settings
         start = edit_features(x0, self.bank, k, s.editing_weights) if k is not None else x0
-        generator = torch.Generator(device=x0.device).manual_seed(s.inference_seed)
+        generator = ImageNoise(seeds, x0.shape[0], x0.device, base=s.inference_seed)
         with autocast(self.device, s.precision):
             rec = reconstruct(self.unet, self.schedule, start, tau, self.ddim_steps, s.ddim_eta, generator)
         maps = reconstruction_maps(x0, rec.float(), size, s.smoothing_sigma)
         return maps, image_scores(maps, s.score_pool_size)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, categories: Sequence[str]) -> Prediction:
+    def predict(self, images: torch.Tensor, categories: Sequence[str],
+                seeds: Sequence[int] | None = None) -> Prediction:
         """Reconstruct the (edited) features from step tau and score the reconstruction error.
 
         Parameters
@@ -354,6 +362,8 @@ class LafitE(Method):
             (B, 3, H, W) in [0, 1].
         categories : sequence of str
             Unused: one model and one memory bank serve every category.
+        seeds : sequence of int, optional
+            One per image (the runner's), so predictions do not depend on the batch.
 
         Returns
         -------
@@ -361,7 +371,7 @@ class LafitE(Method):
             Maps (B, H, W) and image scores (B,), float32.
         """
         x0 = self.encode(images)
-        maps, scores = self._score(x0, tuple(images.shape[-2:]), self.tau, self.k)
+        maps, scores = self._score(x0, tuple(images.shape[-2:]), self.tau, self.k, seeds)
         return Prediction(maps.float(), scores.float())
 
     # ------------------------------------------------------------------ state
