@@ -266,7 +266,8 @@ def image_seed(job_seed: int, key: str) -> int:
     It depends on nothing else (not the batch, not the position in the test set), so a method
     that seeds each image's noise with it predicts the same at any ``eval_batch_size``.
     """
-    digest = hashlib.sha256(f"{int(job_seed)}\0{key}".encode()).digest()
+    # surrogateescape: a key from a file name that is not valid UTF-8 still hashes (to its bytes).
+    digest = hashlib.sha256(f"{int(job_seed)}\0{key}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 

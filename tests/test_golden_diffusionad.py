@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.toolkit.noise import ImageNoise
+
 try:
     import harness_diffusionad  # noqa: F401
 except ImportError:  # not installed: import from the source tree
@@ -136,8 +138,8 @@ def test_predict_runs_the_official_evaluation_path(golden, method):
     """``predict`` at the official levels equals the official pipeline fed with the same noise."""
     io = golden["io"]
     image = io["in.image"][:1]
-    generator = torch.Generator().manual_seed(method.settings.inference_seed)
-    noise_low, noise_high = torch.randn(image.shape, generator=generator), torch.randn(image.shape, generator=generator)
+    noise = ImageNoise(None, 1, "cpu", base=method.settings.inference_seed)
+    noise_low, noise_high = noise.randn_like(image), noise.randn_like(image)
     t = [torch.full((1,), v, dtype=torch.long) for v in method.settings.levels]
     with torch.no_grad():
         expected = method.segment_pair(image, method.estimates(image, *t, noise_low, noise_high)["guided"])[:, 0]

@@ -271,7 +271,7 @@ def test_numerics_environments_name_where_the_tabled_numbers_were_computed(resul
 
     envs = numerics_environments(results)
     # The fixture's records carry no environment: one unknown environment, the failed record left out.
-    assert envs == [{"torch": None, "device": None, "device_name": None, "cpu_model": None, "cpu_capability": None,
+    assert envs == [{"torch": None, "device": None, "device_name": None, "cpu_model": None, "cpu_signature": None, "cpu_capability": None,
                      "torch_threads": None, "precision": None, "tf32": None, "compile": None, "records": 6}]
     other = tmp_path / "other"
     for seed, capability in ((0, "AVX2"), (1, "AVX512")):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,6 +35,8 @@ def test_multiclass_job_writes_a_complete_record(toy_registry, run_options):
     assert record["environment"]["torch"]
     # What decides bit-for-bit agreement with another run (harness.environment.NUMERICS_KEYS).
     assert record["environment"]["cpu_model"] and record["environment"]["cpu_capability"]
+    if Path("/proc/cpuinfo").is_file():
+        assert record["environment"]["cpu_signature"]
 
 
 def test_fit_never_sees_test_images(toy_registry, run_options):

@@ -28,8 +28,8 @@ Training (``training="norm_guided"``: the authors' ``train.py`` and ``norm_guide
     Eq. 6's noise loss on every image).
 
 Inference (``eval.py``, ``norm_guided_one_step_denoising_eval``)
-    The query is noised to the two ``levels`` with fresh Gaussian noise (seeded by
-    ``inference_seed`` for every ``predict`` call; the lower level's noise is drawn first) and the
+    The query is noised to the two ``levels`` with fresh Gaussian noise (each image's own stream,
+    its runner seed mixed with ``inference_seed``; the lower level's noise is drawn first) and the
     UNet predicts both noises. ``combination="norm_guided"`` (code, levels 200 / 400):
     ``eps_hat = eps_n - sqrt(1 - abar_n) w (q(x0_hat_h, t_n, eps_n) - x_n)`` and one segmentation
     of (query, x0_hat(eps_hat)); ``combination="average"`` (the paper's text, levels 100 / 200):
