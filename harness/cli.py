@@ -120,14 +120,6 @@ def _data_roots(items: Sequence[str], datasets: Sequence[str]) -> dict[str, Path
     return roots
 
 
-def default_reported_dir() -> Path | None:
-    """``results/reported`` of the current folder, else of the source checkout."""
-    for candidate in (Path.cwd() / "results" / "reported", Path(__file__).resolve().parents[1] / "results" / "reported"):
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
 # -- commands -------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     """``harness run``: plan every job, check it, run it, print the failures and the leaderboard."""
@@ -219,6 +211,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from harness.leaderboard import build_leaderboard
 
         groups = {(j.dataset, j.protocol) for j in jobs}
+        from harness.reported import default_reported_dir
+
         text = build_leaderboard(options.results_dir, reported_dir=default_reported_dir(), fmt="markdown",
                                  per_category=args.per_category, groups=groups, metrics=registry.metric_specs(),
                                  warn=lambda line: print(line, file=sys.stderr))
@@ -431,6 +425,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     results = Path(args.results_dir)
     if results.exists() and not results.is_dir():
         raise UsageError(f"--results-dir {results} is a file, not a folder of records")
+    from harness.reported import default_reported_dir
+
     reported = None if args.no_reported else (Path(args.reported_dir) if args.reported_dir else default_reported_dir())
     formats = _split(args.format) or ["markdown"]
     metrics = load_registry().metric_specs()

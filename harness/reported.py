@@ -143,3 +143,11 @@ def select_reported(reported: pd.DataFrame, dataset: str, protocol: str, shots: 
     else:
         keep &= reported["shots"].eq(int(shots)).fillna(False)
     return reported[keep.astype(bool)]
+
+
+def default_reported_dir() -> Path | None:
+    """``results/reported`` of the current folder, else of the source checkout; ``None`` if neither has one."""
+    for candidate in (Path.cwd() / "results" / "reported", Path(__file__).resolve().parents[1] / "results" / "reported"):
+        if candidate.is_dir():
+            return candidate
+    return None

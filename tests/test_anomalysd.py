@@ -23,9 +23,9 @@ from harness.testing import check_method, fit_context  # noqa: E402
 from harness_anomalysd import masks as masks_mod  # noqa: E402
 from harness_anomalysd import sampling, scoring, selection  # noqa: E402
 from harness_anomalysd.networks import build_components, character_tokenizer  # noqa: E402
-from harness_anomalysd.plugin import (ALEXNET, EFFICIENTNET_B6, SD_INPAINTING, SD_REVISION,  # noqa: E402
-                                      harness_methods)
+from harness_anomalysd.plugin import harness_methods  # noqa: E402
 from harness_anomalysd.prompts import builtin_prompt_entries, load_prompt_sets  # noqa: E402
+from harness_anomalysd.weightfiles import ALEXNET, EFFICIENTNET_B6, SD_INPAINTING, SD_REVISION  # noqa: E402
 
 MVTEC = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw", "tile",
          "toothbrush", "transistor", "wood", "zipper")

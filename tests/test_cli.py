@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from cli_helpers import harness
+from cli_helpers import install_package as _install
+
 from harness.records import iter_records
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def harness(*args: str, cwd: Path, pythonpath: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``python -m harness ARGS`` in a subprocess, like a user's shell would."""
-    env = dict(os.environ)
-    if pythonpath is not None:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
-    if check and done.returncode != 0:
-        raise AssertionError(f"harness {' '.join(args)} exited {done.returncode}\n{done.stdout}\n{done.stderr}")
-    return done
 
 
 def test_list_shows_everything_with_its_distribution(tmp_path):
@@ -63,12 +51,6 @@ def test_data_synth_writes_the_mvtec_layout(tmp_path):
         stems = sorted(p.stem for p in (root / "test" / defect).iterdir())
         masks = sorted(p.stem for p in (root / "ground_truth" / defect).iterdir())
         assert masks == [f"{s}_mask" for s in stems]
-
-
-def _install(package: Path, target: Path) -> None:
-    """pip-install a package folder into ``target`` offline, as a user installs a plugin."""
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(package)], check=True, capture_output=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

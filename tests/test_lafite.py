@@ -17,7 +17,7 @@ from toy_plugins import load_toy
 from harness import TrainSet, WeightsNotFoundError
 from harness.data import ImageCache, read_image, resize_image, to_tensor
 from harness.testing import check_method, fit_context
-from harness.toolkit.efficientnet import convert_efficientnet_pytorch
+from harness.toolkit.efficientnet import UNIAD_EFFICIENTNET_B4, convert_efficientnet_pytorch
 from harness.toolkit.multiscale import MultiScaleFeatures
 from harness.toolkit.pseudo_validation import (make_pseudo_validation, rotate_mask, split_holdout,
                                                synthesize_anomaly)
@@ -26,7 +26,7 @@ from harness_lafite import model as lafite_model
 from harness_lafite.diffusion import build_noise_schedule, ddim_update, reconstruct, reverse_timesteps
 from harness_lafite.editing import edit_features, editing_weights
 from harness_lafite.model import LafitE
-from harness_lafite.plugin import PROFILES, UNIAD_EFFICIENTNET_B4, harness_methods
+from harness_lafite.plugin import PROFILES, harness_methods
 from harness_lafite.scoring import image_scores, reconstruction_maps
 from harness_lafite.selection import category_mean_auroc, select_tau_then_k, summarise
 

@@ -12,7 +12,8 @@ import pytest
 from harness.cli import main
 from harness.paper_tables import build_paper_table, load_layouts, paper_section
 from harness.reported import load_reported, method_label
-from test_leaderboard import _record, _write
+from record_helpers import sample_record as _record
+from record_helpers import write_sample_record as _write
 
 REPORTED = Path(__file__).parents[1] / "results" / "reported"
 

@@ -16,7 +16,8 @@ from harness.data import ImageCache, read_image, resize_image, to_tensor
 from harness.testing import check_method, fit_context
 from harness.weights import WeightsResolver, verify
 from harness_patchcore.model import PatchCore, aggregate_patches
-from harness_patchcore.plugin import WRN50_V1, harness_methods
+from harness_patchcore.plugin import harness_methods
+from harness_patchcore.weightfiles import WRN50_V1
 
 SIZE = 64
 (SPEC,) = harness_methods()

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_cli import _install, harness
+from cli_helpers import harness
+from cli_helpers import install_package as _install
 
 from harness.records import iter_records
 from harness.testing import ConformanceError, check_dataset, check_method

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from harness.outcomes import RunSummary
 from harness.signals import RunInterrupted
 
 
 class InProcessExecutor:
     """Runs jobs one after another; Ctrl-C / SIGTERM stop it between (or inside) jobs."""
 
-    def run(self, plan: Any, runner: Any) -> Any:
+    def run(self, plan: Any, runner: Any) -> RunSummary:
         """Run ``plan``'s jobs with ``runner`` (a :class:`harness.runner.JobRunner`)."""
-        from harness.runner import RunSummary
-
         summary = RunSummary()
         try:
             with runner.progress.bar(total=len(plan.jobs), desc="jobs", unit="job", leave=True) as bar:

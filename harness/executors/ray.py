@@ -592,7 +592,7 @@ class _Driver:
     """One run of :class:`RayExecutor`: admit, submit, collect, retry, stop."""
 
     def __init__(self, executor: RayExecutor, plan: Any, runner: Any) -> None:
-        from harness.runner import RunSummary
+        from harness.outcomes import RunSummary
 
         self.executor = executor
         self.plan = plan
@@ -705,7 +705,7 @@ class _Driver:
         self._submit(_Flight(index, planned, lock, self.requests[index]))
 
     def _skip_finished(self, planned: Any) -> bool:
-        from harness.runner import JobOutcome
+        from harness.outcomes import JobOutcome
 
         if self.options.force:
             return False
@@ -716,7 +716,7 @@ class _Driver:
         return True
 
     def _retry_waiting(self) -> None:
-        from harness.runner import JobOutcome
+        from harness.outcomes import JobOutcome
 
         timeout = self.options.lock_timeout
         for waiting in list(self.waiting):
@@ -832,7 +832,7 @@ class _Driver:
 
     def _write(self, flight: _Flight, ref: Any, record: Any, message: str, worker: Mapping[str, Any]) -> None:
         from harness.records import write_record
-        from harness.runner import JobOutcome
+        from harness.outcomes import JobOutcome
 
         record.run["ray"] = {"attempts": flight.attempt, "retried_after": list(flight.retried_after),
                              "resources": dict(flight.request), **dict(worker)}

@@ -15,9 +15,9 @@ def _warn(line: str) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``harness report --out DIR``: the HTML report of the records under ``--results-dir``."""
-    from harness.cli import default_reported_dir
     from harness.registry import load_registry
     from harness.report.html import build_report
+    from harness.reported import default_reported_dir
 
     results = Path(args.results_dir)
     if results.exists() and not results.is_dir():

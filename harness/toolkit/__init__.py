@@ -17,7 +17,8 @@ One implementation of each:
   pasted onto them, for methods that select hyperparameters without test data;
 - :mod:`harness.toolkit.sd15` — Stable Diffusion v1.5 network configurations (diffusers);
 - :mod:`harness.toolkit.precision` — autocast and gradient scaling for ``--precision``;
-- :mod:`harness.toolkit.noise` — inference noise drawn per image (batch-invariant predictions).
+- :mod:`harness.toolkit.noise` — inference noise drawn per image (batch-invariant predictions);
+- :mod:`harness.toolkit.weightfiles` — the pinned weight file of any timm backbone.
 
 Nothing here is imported by ``import harness``: each module loads its libraries when imported.
 """

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from harness import FitContext, Method, Prediction, TrainSet
 from harness.toolkit.crops import center_crop_box, paste_crop
 
+from harness_anomalib import hooks
+from harness_anomalib.hooks import load_module_state
 from harness_anomalib.offline import weights_from_disk
 from harness_anomalib.variants import Variant
 
@@ -167,9 +169,7 @@ class AnomalibMethod(Method):
                          visualizer=False)
         self.weight_calls = list(calls)
         if self.variant.toy_width and int(self.settings["toy_width"]):
-            from harness_anomalib.hooks import shrink
-
-            shrink(module, self.variant, int(self.settings["toy_width"]))
+            hooks.shrink(module, self.variant, int(self.settings["toy_width"]))
         # The adapter applies the transform itself; the module's callbacks (its pre-processor)
         # must not transform a batch a second time.
         module.configure_callbacks = lambda: []
@@ -194,8 +194,6 @@ class AnomalibMethod(Method):
     # -- fitting ---------------------------------------------------------------------------------
     def fit(self, train: TrainSet, context: FitContext) -> None:
         """Train (or collect) on the harness's training images with a bare Lightning ``Trainer``."""
-        from harness_anomalib import hooks
-
         s = self.settings
         torch.manual_seed(int(context.seed))
         files, weights_info = hooks.timm_files(self.variant, s, context)
@@ -281,9 +279,7 @@ class AnomalibMethod(Method):
     def predict(self, images: torch.Tensor, categories: Sequence[str]) -> Prediction:
         """The inner model's raw anomaly maps and image scores (see the module docstring)."""
         if self.variant.kind == "fewshot":
-            from harness_anomalib import hooks
-
-            return hooks.predict_fewshot(self, images, categories)
+                return hooks.predict_fewshot(self, images, categories)
         output = self.module.model(self.transform(images))
         return self.to_prediction(output.anomaly_map, output.pred_score, images.shape[-2:])
 
@@ -314,21 +310,6 @@ class AnomalibMethod(Method):
         """Restore :meth:`state_dict` (buffers sized at fit time are resized first)."""
         load_module_state(self.module, state["module"])
         self.fewshot_state = {k: dict(v) for k, v in state.get("fewshot", {}).items()}
-
-
-def load_module_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """``module.load_state_dict(state)`` after giving buffers that a fit resizes (memory banks,
-    PaDiM's Gaussians) the saved shapes."""
-    own = module.state_dict()
-    for key, value in state.items():
-        if key in own and own[key].shape != value.shape:
-            owner_name, _, leaf = key.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
-            if leaf in dict(owner.named_buffers(recurse=False)):
-                owner.register_buffer(leaf, torch.empty_like(value, device=own[key].device))
-            else:
-                setattr(owner, leaf, torch.nn.Parameter(torch.empty_like(value, device=own[key].device)))
-    module.load_state_dict(dict(state), strict=True)
 
 
 class _ItemView(torch.utils.data.Dataset):

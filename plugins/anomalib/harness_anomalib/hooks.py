@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 
 from harness import FitContext, Prediction, TrainSet
+from harness_anomalib.weightfiles import weight_files
 
 if TYPE_CHECKING:  # pragma: no cover
     from harness_anomalib.adapter import AnomalibMethod
@@ -40,8 +41,6 @@ def pretrained(settings: Mapping[str, Any], context: FitContext | None = None) -
 
 def timm_files(variant: "Variant", settings: Mapping[str, Any], context: FitContext) -> tuple[dict[str, Path] | None, Any]:
     """``{timm name or torchvision file: path}`` of the job's pretrained files, and what the record says."""
-    from harness_anomalib.plugin import weight_files
-
     if not pretrained(settings, context):
         return None, "random (seeded from the job)"
     files: dict[str, Path] = {}
@@ -151,9 +150,22 @@ def after_fit(method: "AnomalibMethod", train: TrainSet, context: FitContext) ->
 
 
 def _single(method: "AnomalibMethod", key: str):
-    from harness_anomalib.plugin import weight_files
-
     return next(f for f in weight_files(method.variant, method.settings) if f.key == key)
+
+
+def load_module_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """``module.load_state_dict(state)`` after giving buffers that a fit resizes (memory banks,
+    PaDiM's Gaussians) the saved shapes."""
+    own = module.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            owner_name, _, leaf = key.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            if leaf in dict(owner.named_buffers(recurse=False)):
+                owner.register_buffer(leaf, torch.empty_like(value, device=own[key].device))
+            else:
+                setattr(owner, leaf, torch.nn.Parameter(torch.empty_like(value, device=own[key].device)))
+    module.load_state_dict(dict(state), strict=True)
 
 
 # -- few-shot models ---------------------------------------------------------------------------------
@@ -183,8 +195,6 @@ def fit_fewshot(method: "AnomalibMethod", train: TrainSet, context: FitContext) 
 
 def predict_fewshot(method: "AnomalibMethod", images: torch.Tensor, categories: Sequence[str]) -> Prediction:
     """Score each image with its category's prompts and references (raw maps and scores)."""
-    from harness_anomalib.adapter import load_module_state
-
     model = method.module.model
     maps = [None] * len(categories)
     scores = [None] * len(categories)

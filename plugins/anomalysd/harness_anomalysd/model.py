@@ -64,6 +64,7 @@ from harness_anomalysd.prompts import load_prompt_sets
 from harness_anomalysd.scoring import (ALEXNET_SHA256_PREFIX, build_lpips, feature_distance, fuse, harmonic_mean,
                                        load_alexnet_trunk, lpips_features, lpips_linear_weights, scale_map)
 from harness_anomalysd.networks import build_components, character_tokenizer, load_components, load_tokenizer
+from harness_anomalysd.weightfiles import ALEXNET, backbone_file, sd_file
 
 #: Tokenizer source recorded in the state when the tokenizer is generated, not read from a folder.
 CHARACTER_TOKENIZER = "character"
@@ -151,8 +152,6 @@ class AnomalySD(Method):
         ``--weights random`` (``context.random_weights``) and the ``*_pretrained`` settings keep
         the seeded random initialisation the factory made.
         """
-        from harness_anomalysd.plugin import ALEXNET, backbone_file, sd_file
-
         s = self.settings
         random = context.random_weights
         info: dict[str, Any] = {}

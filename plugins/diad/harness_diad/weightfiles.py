@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from harness import WeightFile
+from harness.toolkit.weightfiles import timm_backbone_file
 
 #: The Hub repository and commit of Stable Diffusion v1.5.
 SD_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -105,8 +106,7 @@ def backbone_file(settings: Mapping[str, Any]) -> WeightFile:
     name = str(settings.get("backbone", "resnet50"))
     if name == "resnet50":
         return RESNET50_A1
-    return WeightFile(key="backbone", what=f"ImageNet weights of {name} (timm)", filenames=(f"{name}.safetensors",),
-                      repo_id=f"timm/{name}", filename="model.safetensors", setting="backbone_weights_file")
+    return timm_backbone_file(name)
 
 
 def _named_file(key: str, what: str, setting: str, settings: Mapping[str, Any]) -> WeightFile:

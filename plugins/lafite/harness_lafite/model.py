@@ -51,6 +51,7 @@ from harness_lafite.diffusion import build_noise_schedule, build_unet, diffusion
 from harness_lafite.editing import WEIGHTINGS, coreset_bank, edit_features
 from harness_lafite.scoring import image_scores, reconstruction_maps
 from harness_lafite.selection import select_tau_then_k
+from harness_lafite.weightfiles import weight_files
 
 #: In a fast dev run: the largest training batch, the DDIM evaluations, the pseudo-validation
 #: images per category and the bootstrap rounds.
@@ -116,8 +117,6 @@ class LafitE(Method):
 
     def _prepare_backbone(self, train: TrainSet, context: FitContext) -> dict[str, Any]:
         """Load the declared weights, or draw seeded random ones; return what the record says."""
-        from harness_lafite.plugin import weight_files
-
         s = self.settings
         files = [] if context.random_weights else weight_files(s)
         if files:

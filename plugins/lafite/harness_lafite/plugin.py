@@ -34,9 +34,9 @@ Profiles
 
 from __future__ import annotations
 
-from harness import EvalGrid, MethodSpec, PaperRef, Resources, Setting, WeightFile, hookimpl
+from harness import EvalGrid, MethodSpec, PaperRef, Resources, Setting, hookimpl
 from harness.settings import eval_batch_size, image_size, interpolation, precision
-from harness.toolkit.efficientnet import UNIAD_EFFICIENTNET_B4
+from harness_lafite.weightfiles import weight_files
 
 PAPER = PaperRef(
     title="LafitE: Latent Diffusion Model with Feature Editing for Unsupervised Multi-class Anomaly Detection",
@@ -152,18 +152,6 @@ PROFILES = {
         "feature_standardize": True,
     },
 }
-
-
-def weight_files(settings) -> list[WeightFile]:
-    """The backbone's ImageNet weights, unless it is randomly initialised."""
-    if not settings.backbone_pretrained:
-        return []
-    if settings.backbone == "tf_efficientnet_b4":
-        return [UNIAD_EFFICIENTNET_B4]
-    return [WeightFile(key="backbone", what=f"ImageNet weights of {settings.backbone}",
-                       filenames=(f"{settings.backbone}.safetensors", f"{settings.backbone}.pth"),
-                       repo_id=f"timm/{settings.backbone}", filename="model.safetensors",
-                       setting="backbone_weights_file")]
 
 
 def paper_grid(settings) -> EvalGrid:

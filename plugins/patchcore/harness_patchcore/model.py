@@ -58,6 +58,7 @@ from harness.toolkit.coreset import greedy_coreset
 from harness.toolkit.crops import center_crop, center_crop_box, paste_crop
 from harness.toolkit.ops import gaussian_blur, imagenet_normalize, nearest_neighbour_distance, resize_maps
 from harness.toolkit.precision import autocast
+from harness_patchcore.weightfiles import weight_files
 
 
 class PatchCore(Method):
@@ -104,8 +105,6 @@ class PatchCore(Method):
         re-estimated on the training images (see :meth:`_random_backbone`). The finished bank is
         checkpointed as one stage, so a killed job does not extract the features again.
         """
-        from harness_patchcore.plugin import weight_files
-
         s = self.settings
         with context.checkpoint.stage("memory_bank", backbone=self.backbone, bank=_Bank(self)) as position:
             if position.done:

@@ -5,8 +5,9 @@ Importing this module is cheap: the network code (timm) loads when a method is b
 
 from __future__ import annotations
 
-from harness import EvalGrid, MethodSpec, PaperRef, Resources, Setting, WeightFile, hookimpl
+from harness import EvalGrid, MethodSpec, PaperRef, Resources, Setting, hookimpl
 from harness.settings import antialias, eval_batch_size, image_size, interpolation, precision, resize_mode
+from harness_patchcore.weightfiles import weight_files
 
 PAPER = PaperRef(
     title="Towards Total Recall in Industrial Anomaly Detection",
@@ -78,31 +79,6 @@ PROFILES = {
         "train_batch_size": 16, "eval_batch_size": 16,
     },
 }
-
-#: torchvision's ImageNet WideResNet-50-2 V1 weights, which the paper and the authors' code use
-#: (``torchvision.models.wide_resnet50_2(pretrained=True)``). The V2 file (IMAGENET1K_V2, a newer
-#: training recipe, 81.6 % vs 78.5 % top-1) is refused by name and, renamed, by its sha256: the 8 hex
-#: digits in a torchvision file name are the start of the file's sha256 (torch.hub checks them).
-#: The full V1 digest is not published with the file; the resolver records it for every job.
-WRN50_V1 = WeightFile(
-    key="backbone", what="ImageNet WideResNet-50-2 weights (torchvision V1, IMAGENET1K_V1)",
-    filenames=("wide_resnet50_2-95faca4d.pth",),
-    url="https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth", setting="backbone_weights_file",
-    refuse=("wide_resnet50_2-9ba9bcbe.pth",), refuse_sha256=("9ba9bcbe",),
-)
-
-
-def weight_files(settings):
-    """The backbone's ImageNet weights, unless the backbone is randomly initialised."""
-    if not settings.backbone_pretrained:
-        return []
-    if settings.backbone == "wide_resnet50_2":
-        return [WRN50_V1]
-    return [WeightFile(key="backbone", what=f"ImageNet weights of {settings.backbone}",
-                       filenames=(f"{settings.backbone}.safetensors", f"{settings.backbone}.pth"),
-                       repo_id=f"timm/{settings.backbone}", filename="model.safetensors",
-                       setting="backbone_weights_file")]
-
 
 def paper_grid(settings) -> EvalGrid:
     """The pixel grid of the authors' code (``--eval-grid paper``): their crop, their mask rule."""

@@ -38,6 +38,7 @@ from harness.toolkit.multiscale import MultiScaleFeatures, load_backbone_weights
 from harness.toolkit.precision import autocast, grad_scaler
 from harness.toolkit.scoring import pooled_max
 from harness_uniad.network import UniADReconstruction
+from harness_uniad.weightfiles import weight_files
 
 
 def step_lr_factor(epoch: int, step: int, gamma: float, offset: bool) -> float:
@@ -95,8 +96,6 @@ class UniAD(Method):
 
     def _prepare_backbone(self, train: TrainSet, context: FitContext) -> dict[str, Any]:
         """Load the declared weights, or draw seeded random ones; return what the record says."""
-        from harness_uniad.plugin import weight_files
-
         s = self.settings
         files = [] if context.random_weights else weight_files(s)
         if files:

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from harness import EvalGrid, MethodSpec, PaperRef, Resources, Setting, hookimpl
 from harness.settings import eval_batch_size, image_size, interpolation, precision
-from harness.toolkit.efficientnet import UNIAD_EFFICIENTNET_B4
+from harness_uniad.weightfiles import weight_files
 
 PAPER = PaperRef(
     title="A Unified Model for Multi-class Anomaly Detection",
@@ -120,20 +120,6 @@ PROFILES = {
         "score_pool_size": 4,
     },
 }
-
-
-def weight_files(settings) -> list:
-    """The EfficientNet-b4 file UniAD loads, unless the backbone is randomly initialised."""
-    if not settings.backbone_pretrained:
-        return []
-    if settings.backbone != "tf_efficientnet_b4":
-        from harness import WeightFile
-
-        return [WeightFile(key="backbone", what=f"ImageNet weights of {settings.backbone}",
-                           filenames=(f"{settings.backbone}.safetensors", f"{settings.backbone}.pth"),
-                           repo_id=f"timm/{settings.backbone}", filename="model.safetensors",
-                           setting="backbone_weights_file")]
-    return [UNIAD_EFFICIENTNET_B4]
 
 
 def paper_grid(settings) -> EvalGrid:
