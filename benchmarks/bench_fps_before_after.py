@@ -27,6 +27,7 @@ PROBE = r"""
 import json, statistics, sys, time, torch
 torch.manual_seed(0)
 torch.set_num_threads(int(sys.argv[4]))
+# The 0.2 path: it names the registry in both trees (the newer one keeps it through harness._compat).
 from harness.registry import load_registry
 spec = load_registry().method(sys.argv[1])
 method = spec.factory(spec.resolve("tiny", {})).eval()

@@ -9,12 +9,12 @@ file is needed), at the paper's resolution:
    (``dev_run`` cleared), LafitE's ``ddim_steps`` (10), AnomalySD's paper λ (the
    ``noise_strength`` setting, 0.4, instead of the first λ candidate a dev fit picks);
 3. time ``predict`` in each **mode** — ``fp32+tf32`` (TF32 on), ``bf16`` (frozen networks cast
-   once, :mod:`harness.acceleration`) and ``bf16+compile`` (``torch.compile``, CUDA graphs with
+   once, :mod:`harness.engine.inference.acceleration`) and ``bf16+compile`` (``torch.compile``, CUDA graphs with
    ``reduce-overhead``) — at batch 1 and at the auto batch (the largest that fits, doubling up to
-   ``--max-batch``), each with the harness's timing protocol (:mod:`harness.efficiency`: a
+   ``--max-batch``), each with the harness's timing protocol (:mod:`harness.engine.inference.efficiency`: a
    warm-up call per shape, then warm calls until ``--calls`` or ``--seconds`` per shape, median
    and IQR per image, the cold call apart), FLOPs per image (counted at batch 1) and the share of
-   the device's limit (:mod:`harness.flops`), and how far the bf16 maps are from fp32's;
+   the device's limit (:mod:`harness.engine.inference.flops`), and how far the bf16 maps are from fp32's;
 4. optionally (``--dev-run``) a fast dev run through ``harness run --device cuda``.
 
 It writes ``gpu_check.json`` and ``gpu_check.md`` into ``--out`` in one call, meant to fit in 8
@@ -72,7 +72,7 @@ def describe_plan(registry: Any, methods: list[str], precisions: list[str]) -> l
 def _train_set(method: Any, batch: int) -> Any:
     """Synthetic training images, enough for one full paper batch (and at least two per category)."""
     from harness.data import ImageCache, TrainSet
-    from harness.registry import load_registry
+    from harness.engine.registry import load_registry
 
     index = load_registry().dataset("synthetic").loader(None, None)
     per_category = max(2, -(-batch // len(index.categories)))
@@ -89,7 +89,7 @@ def _reset_peak(device: torch.device) -> None:
 def _peak_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    from harness.efficiency import peak_rss_mb
+    from harness.engine.inference.efficiency import peak_rss_mb
 
     return round(peak_rss_mb() / 1024, 2)  # the process's peak RSS: a rehearsal, not a GPU figure
 
@@ -119,7 +119,7 @@ def paper_inference(method: Any) -> dict[str, Any]:
 
 def _time_shape(evaluator: Any, method: Any, samples: list, calls: int, seconds: float) -> dict[str, Any]:
     """Warm-up call, then warm calls (at least two) until ``calls`` or ``seconds``; the protocol's figures."""
-    from harness.efficiency import PredictTimer
+    from harness.engine.inference.efficiency import PredictTimer
 
     evaluator.timer = PredictTimer(evaluator.device)
     images = evaluator._tensor(method, samples)
@@ -144,11 +144,11 @@ def _maps(method: Any, evaluator: Any, samples: list) -> torch.Tensor:
 def check_method(registry: Any, name: str, workdir: Path, device: torch.device, profile: str, modes: list[str],
                  calls: int, seconds: float, max_batch: int) -> dict:
     """Build and fast-dev fit one method, then time its paper inference in every mode."""
-    from harness.acceleration import apply_tf32, prepare_inference
-    from harness.environment import seed_everything
-    from harness.evaluation import Evaluator
-    from harness.flops import limit_share
-    from harness.progress import Progress
+    from harness.engine.inference.acceleration import apply_tf32, prepare_inference
+    from harness.engine.support.environment import seed_everything
+    from harness.engine.inference.evaluation import Evaluator
+    from harness.engine.inference.flops import limit_share
+    from harness.engine.support.progress import Progress
     from harness.testing import fit_context
 
     spec = registry.method(name)
@@ -232,7 +232,7 @@ def dev_run(name: str, workdir: Path, device: str = "cuda") -> dict[str, Any]:
 def markdown(results: list[dict[str, Any]], device_name: str) -> str:
     """The results as a Markdown table: one row per method and mode."""
     lines = [f"GPU check on {device_name} (random weights, paper inference settings; timing protocol of "
-             "harness.efficiency)\n",
+             "harness.engine.inference.efficiency)\n",
              "| method | mode | auto batch | FPS at auto batch (IQR ms/img) | FPS batch 1 | latency (ms) | "
              "GFLOP/img | share of limit | max |bf16 - fp32| | peak (GB) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -270,7 +270,7 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=64, help="largest batch the auto search tries (default 64)")
     parser.add_argument("--dev-run", action="store_true", help="also run harness run --fast-dev-run per method")
     args = parser.parse_args()
-    from harness.registry import load_registry
+    from harness.engine.registry import load_registry
 
     registry = load_registry()
     methods = list(registry.methods) if args.methods == "all" else [m for m in args.methods.split(",") if m]

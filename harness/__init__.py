@@ -5,14 +5,25 @@ method interface, data shapes, typed settings, errors). Building blocks that sev
 share live apart, in :mod:`harness.toolkit`, which plugins import by choice; metrics in
 :mod:`harness.metrics`; the conformance checks a third party runs in its own tests in
 :mod:`harness.testing`.
+
+The package's folders follow a job: the contract is this folder's modules (``specs``, ``method``,
+``settings``, ``hookspecs``, ``data``, ``errors``, ``testing``); :mod:`harness.engine` plans and
+runs jobs and writes their records; :mod:`harness.results` reads records (leaderboard, report,
+export); :mod:`harness.metrics` is the metric engine. Paths that moved keep working
+(:mod:`harness._compat`).
 """
 
 from __future__ import annotations
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
+
+from harness import _compat  # noqa: E402
+
+_compat.install()
 
 from harness.data import CategoryData, DatasetIndex, MaskChannel, Sample, TrainSet, read_image, read_mask  # noqa: E402
-from harness.errors import DatasetError, HarnessError, MethodOutputError, WeightsNotFoundError  # noqa: E402
+from harness.errors import (DatasetError, HarnessError, MethodOutputError, WeightsNotFoundError,  # noqa: E402
+                            WeightsVerifyError)
 from harness.hookspecs import hookimpl  # noqa: E402
 from harness.method import FitContext, Method, Prediction  # noqa: E402
 from harness.settings import Setting, Settings, SettingsSchema  # noqa: E402
@@ -24,5 +35,5 @@ __all__ = [
     "ExecutorSpec", "DataNeed", "EvalGrid", "PaperRef", "Resources", "WeightFile", "Setting", "Settings", "SettingsSchema", "Sample",
     "MaskChannel",
     "CategoryData", "DatasetIndex", "TrainSet", "read_image", "read_mask", "DatasetError", "HarnessError",
-    "MethodOutputError", "WeightsNotFoundError",
+    "MethodOutputError", "WeightsNotFoundError", "WeightsVerifyError",
 ]

@@ -93,7 +93,7 @@ def _method_overrides(registry: Any, methods: Sequence[str], texts: Mapping[str,
 def _run_data_options(items: Sequence[str], datasets: Sequence[str]) -> dict[str, str]:
     """``--data-option KEY=VALUE`` pairs of a run; each key must be an option of one of its datasets."""
     from harness.data import parse_data_options
-    from harness.registry import load_registry
+    from harness.engine.registry import load_registry
 
     options = parse_data_options(items)
     if options:
@@ -123,12 +123,12 @@ def _data_roots(items: Sequence[str], datasets: Sequence[str]) -> dict[str, Path
 # -- commands -------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     """``harness run``: plan every job, check it, run it, print the failures and the leaderboard."""
-    from harness.jobs import expand_jobs
-    from harness.options import RunOptions
-    from harness.planning import Planner, resolve_profile
-    from harness.preflight import PreflightError, run_preflight
-    from harness.registry import load_registry
-    from harness.runner import run_plan
+    from harness.engine.jobs import expand_jobs
+    from harness.engine.options import RunOptions
+    from harness.engine.planning import Planner, resolve_profile
+    from harness.engine.preflight import PreflightError, run_preflight
+    from harness.engine.registry import load_registry
+    from harness.engine.runner import run_plan
 
     if args.tracker:
         # Tracker reporters (harness_mlflow, ...) switch themselves on from this variable.
@@ -208,10 +208,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if problem.kind == "reporter":
             print(f"warning: {problem}", file=sys.stderr)
     if not args.no_leaderboard:
-        from harness.leaderboard import build_leaderboard
+        from harness.results.leaderboard import build_leaderboard
 
         groups = {(j.dataset, j.protocol) for j in jobs}
-        from harness.reported import default_reported_dir
+        from harness.results.reported import default_reported_dir
 
         text = build_leaderboard(options.results_dir, reported_dir=default_reported_dir(), fmt="markdown",
                                  per_category=args.per_category, groups=groups, metrics=registry.metric_specs(),
@@ -235,8 +235,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     """``harness list``: what is installed and where it comes from."""
     from tabulate import tabulate
 
-    from harness.protocols import PROTOCOL_HELP
-    from harness.registry import load_registry
+    from harness.engine.protocols import PROTOCOL_HELP
+    from harness.engine.registry import load_registry
 
     registry = load_registry()
     rows = []
@@ -270,7 +270,7 @@ def describe_method(spec: Any, profile: str) -> dict[str, Any]:
     """Everything ``harness describe`` shows, as JSON-ready data (networks built on the meta device)."""
     import torch
 
-    from harness.planning import resolve_settings
+    from harness.engine.planning import resolve_settings
     from harness.settings import describe_settings, open_choices
 
     settings = resolve_settings(spec, profile, {})
@@ -295,7 +295,7 @@ def describe_method(spec: Any, profile: str) -> dict[str, Any]:
 
 def cmd_describe(args: argparse.Namespace) -> int:
     """``harness describe METHOD``: paper, profiles, typed settings, choices and parameter counts."""
-    from harness.registry import load_registry
+    from harness.engine.registry import load_registry
 
     spec = load_registry().method(args.method)
     profile = args.profile or ("paper" if "paper" in spec.profiles else next(iter(spec.profiles)))
@@ -344,9 +344,9 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 def _weight_rows(args: argparse.Namespace) -> list[tuple[str, str, Any]]:
     """(method, profile, Located) for every pinned file of the chosen methods and profile."""
-    from harness.planning import resolve_settings
-    from harness.registry import load_registry
-    from harness.weights import WeightsResolver
+    from harness.engine.planning import resolve_settings
+    from harness.engine.registry import load_registry
+    from harness.engine.weights import WeightsResolver
 
     registry = load_registry()
     names = _split(args.methods) if args.methods and args.methods != "all" else list(registry.methods)
@@ -392,7 +392,7 @@ def cmd_weights_list(args: argparse.Namespace) -> int:
 
 def cmd_weights_verify(args: argparse.Namespace) -> int:
     """``harness weights verify``: sha256 of every pinned file found; exit 1 on a mismatch or a missing file."""
-    from harness.weights import verify
+    from harness.engine.weights import verify
 
     bad = 0
     for method, profile, located in _weight_rows(args):
@@ -404,7 +404,7 @@ def cmd_weights_verify(args: argparse.Namespace) -> int:
 
 def cmd_weights_pull(args: argparse.Namespace) -> int:
     """``harness weights pull``: fetch exactly the pinned files into the Hugging Face / torch caches."""
-    from harness.weights import pull
+    from harness.engine.weights import pull
 
     rows = _weight_rows(args)
     for method, profile, located in rows:
@@ -418,14 +418,14 @@ def cmd_weights_pull(args: argparse.Namespace) -> int:
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     """``harness leaderboard``: tables from the records under the results folder."""
-    from harness.leaderboard import build_leaderboard, write_leaderboard
+    from harness.results.leaderboard import build_leaderboard, write_leaderboard
 
-    from harness.registry import load_registry
+    from harness.engine.registry import load_registry
 
     results = Path(args.results_dir)
     if results.exists() and not results.is_dir():
         raise UsageError(f"--results-dir {results} is a file, not a folder of records")
-    from harness.reported import default_reported_dir
+    from harness.results.reported import default_reported_dir
 
     reported = None if args.no_reported else (Path(args.reported_dir) if args.reported_dir else default_reported_dir())
     formats = _split(args.format) or ["markdown"]
@@ -447,7 +447,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 def _paper_table(args: argparse.Namespace, results: Path, reported: Path | None, formats: list[str],
                  metrics: list) -> int:
     """``harness leaderboard --paper NAME [--table N]``: one paper's table as published, ours beside it."""
-    from harness.paper_tables import paper_section
+    from harness.results.paper_tables import paper_section
 
     if not args.paper:
         raise UsageError("--table needs --paper NAME (DiAD, DiffusionAD, LafitE, AnomalySD)")
@@ -462,9 +462,9 @@ def _paper_table(args: argparse.Namespace, results: Path, reported: Path | None,
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``harness evaluate``: score maps written by another codebase; print the table, write a record."""
-    from harness.evaluate_maps import evaluate_maps, evaluation_record, format_table, now
-    from harness.records import write_record
-    from harness.registry import load_registry
+    from harness.results.evaluate_maps import evaluate_maps, evaluation_record, format_table, now
+    from harness.results.records import write_record
+    from harness.engine.registry import load_registry
 
     started = now()
     spec = load_registry().dataset(args.dataset)
@@ -500,8 +500,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
     """``harness data synth --out DIR``: write the synthetic dataset in the MVTec-AD layout."""
-    from harness.export import write_mvtec_layout
-    from harness.registry import load_registry
+    from harness.results.export import write_mvtec_layout
+    from harness.engine.registry import load_registry
 
     spec = load_registry().dataset(args.dataset)
     index = spec.loader(None, _split(args.categories) or None)
@@ -512,8 +512,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 def cmd_data_summary(args: argparse.Namespace) -> int:
     """``harness data summary``: what the loader found, per category, and every problem."""
-    from harness.dataset_summary import format_summary, summarize
-    from harness.registry import load_registry
+    from harness.engine.dataset_summary import format_summary, summarize
+    from harness.engine.registry import load_registry
 
     spec = load_registry().dataset(args.dataset)
     root = Path(args.root) if args.root else (spec.find_root() if spec.find_root else None)
@@ -690,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--force", action="store_true", help="fetch even the files already present")
         cmd.set_defaults(func=func)
 
-    from harness.report.commands import cmd_export_maps, cmd_report
+    from harness.results.report.commands import cmd_export_maps, cmd_report
 
     report = sub.add_parser("report", help="a static HTML report: tables, accuracy vs FPS, curves, overlays")
     report.add_argument("--out", required=True, help="folder to write index.html and its images into")

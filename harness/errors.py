@@ -19,6 +19,11 @@ class WeightsNotFoundError(HarnessError):
     """Pretrained weights are not on disk; the message says where to put them."""
 
 
+
+class WeightsVerifyError(HarnessError):
+    """A weight file's sha256 differs from the pinned one."""
+
+
 class MethodOutputError(HarnessError):
     """A method's ``predict`` returned maps or scores that break the contract (NaN, shape)."""
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
-    from harness.jobs import Job
+    from harness.engine.jobs import Job
     from harness.specs import DatasetSpec, ExecutorSpec, MethodSpec, MetricSpec
 
 PROJECT_NAME = "harness"
@@ -123,7 +123,7 @@ def harness_job_finished(job: "Job", record: Mapping[str, Any]) -> None:
     job : Job
         The job's key.
     record : mapping
-        The record as written to disk (see :mod:`harness.records`): status, metrics per category,
+        The record as written to disk (see :mod:`harness.results.records`): status, metrics per category,
         efficiency figures, environment, error if any.
     """
 

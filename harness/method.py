@@ -35,10 +35,10 @@ from harness.settings import Settings
 
 if TYPE_CHECKING:  # pragma: no cover
     from harness.data import TrainSet
-    from harness.progress import Progress
-    from harness.checkpoint import TrainingCheckpoint
+    from harness.engine.support.progress import Progress
+    from harness.engine.support.checkpoint import TrainingCheckpoint
     from harness.toolkit.pseudo_validation import PseudoValidationSet
-    from harness.weights import WeightsResolver
+    from harness.engine.weights import WeightsResolver
 
 
 @dataclass
@@ -89,7 +89,7 @@ class FitContext:
         was randomly initialised, ...). Values must be JSON-serialisable.
     checkpoint : TrainingCheckpoint
         Mid-fit checkpoints: wrap each training stage in ``context.checkpoint.stage(...)``
-        (:mod:`harness.checkpoint`) so that a killed fit resumes where it stopped.
+        (:mod:`harness.engine.support.checkpoint`) so that a killed fit resumes where it stopped.
     fast_dev_run : bool
         ``--fast-dev-run``: run every stage's real code for :meth:`epochs` = 1 epoch and at most
         :data:`FAST_DEV_STEPS` optimiser steps (:meth:`stop_early`), to find crashes in minutes.
@@ -122,7 +122,7 @@ class FitContext:
 
     def __post_init__(self) -> None:
         if self.checkpoint is None:
-            from harness.checkpoint import TrainingCheckpoint
+            from harness.engine.support.checkpoint import TrainingCheckpoint
 
             self.checkpoint = TrainingCheckpoint(None)
 
@@ -237,7 +237,7 @@ class Method(abc.ABC):
         """Everything needed to restore a finished fit (networks plus any extra state).
 
         The result is a tree of mappings, lists, tuples, tensors, arrays, numbers and strings: the
-        fit cache stores it as safetensors + JSON (:mod:`harness.state_io`), never pickled.
+        fit cache stores it as safetensors + JSON (:mod:`harness.engine.support.state_io`), never pickled.
         """
         return {name: net.state_dict() for name, net in self.networks().items()}
 

@@ -2,7 +2,7 @@
 
 A spec is a plain, frozen description of something a plugin provides: a method, a dataset, a
 metric or an executor. The core validates every spec when it loads it (see
-:mod:`harness.registry`), so a missing field or a profile naming an unknown setting is reported
+:mod:`harness.engine.registry`), so a missing field or a profile naming an unknown setting is reported
 with the plugin that declared it instead of failing mid-run.
 """
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from harness.data import DatasetIndex
     from harness.method import Method
 
-#: The protocols the core knows (see :mod:`harness.protocols`).
+#: The protocols the core knows (see :mod:`harness.engine.protocols`).
 PROTOCOLS = ("multiclass", "fewshot", "oneclass")
 #: Metric levels.
 LEVELS = ("image", "pixel", "efficiency")
@@ -181,7 +181,7 @@ MASK_BINARIZE = ("nonzero", "truncate")
 
 @dataclass(frozen=True)
 class EvalGrid:
-    """The pixel grid on which maps and masks are compared (see :mod:`harness.evaluation`).
+    """The pixel grid on which maps and masks are compared (see :mod:`harness.engine.inference.evaluation`).
 
     The harness grid (the default, one rule for every method) is ``size`` x ``size`` over the
     whole image, masks resized by nearest neighbour and binarised at > 0, maps resized
@@ -443,8 +443,8 @@ class ExecutorSpec:
         Identifier for ``harness run --executor NAME``.
     factory : callable
         ``factory(options) -> Executor`` where ``options`` is the run's
-        :class:`harness.runner.RunOptions`; the executor's ``run(plan, runner)`` returns a
-        :class:`harness.runner.RunSummary` (see :mod:`harness.executors`).
+        :class:`harness.engine.runner.RunOptions`; the executor's ``run(plan, runner)`` returns a
+        :class:`harness.engine.runner.RunSummary` (see :mod:`harness.engine.executors`).
     description : str
         One line for ``harness list``.
     """

@@ -26,7 +26,7 @@ import torch
 
 from harness.data import CategoryData, DatasetIndex, ImageCache, Sample, TrainSet, read_image, read_mask, to_tensor
 from harness.method import FitContext, Method, Prediction
-from harness.progress import Progress
+from harness.engine.support.progress import Progress
 from harness.settings import SettingError, check_profiles
 from harness.specs import PROTOCOLS, DatasetSpec, MethodSpec
 
@@ -81,8 +81,8 @@ def fit_context(settings: Mapping[str, Any], workdir: Path | str, *, seed: int =
 
     ``checkpoint_interval`` enables mid-fit checkpoints in ``<workdir>/checkpoints``.
     """
-    from harness.checkpoint import TrainingCheckpoint
-    from harness.weights import WeightsResolver
+    from harness.engine.support.checkpoint import TrainingCheckpoint
+    from harness.engine.weights import WeightsResolver
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -203,8 +203,8 @@ def check_method(spec: MethodSpec, profile: str | None = None, overrides: Mappin
     image_size : int, optional
         Side of the test images (default: the method's input size, at most 64).
     """
-    from harness.environment import seed_everything
-    from harness.state_io import load_state, save_state
+    from harness.engine.support.environment import seed_everything
+    from harness.engine.support.state_io import load_state, save_state
 
     check_spec(spec)
     for name in spec.profiles:

@@ -11,8 +11,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from toy_plugins import ToyPlugin  # noqa: E402
 
-from harness.registry import load_registry  # noqa: E402
-from harness.runner import RunOptions  # noqa: E402
+from harness.engine.registry import load_registry  # noqa: E402
+from harness.engine.runner import RunOptions  # noqa: E402
 
 
 @pytest.fixture

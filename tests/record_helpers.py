@@ -1,11 +1,11 @@
-"""Sample records in the schema of :mod:`harness.records`, for the tests of their readers."""
+"""Sample records in the schema of :mod:`harness.results.records`, for the tests of their readers."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from harness.metrics import METRIC_NAMES
-from harness.records import write_record
+from harness.results.records import write_record
 
 
 def sample_metrics(base: float, pixel: bool = True) -> dict[str, float | None]:
@@ -18,7 +18,7 @@ def sample_metrics(base: float, pixel: bool = True) -> dict[str, float | None]:
 
 def sample_record(method: str, seed: int, base: float, *, dataset="synthetic", protocol="multiclass", shots=None,
                   pixel=True, status="ok", fps=100.0):
-    """A record in the schema of ``harness.records``; category values are ``base`` and ``base - 0.02``."""
+    """A record in the schema of ``harness.results.records``; category values are ``base`` and ``base - 0.02``."""
     job = {"method": method, "dataset": dataset, "protocol": protocol, "shots": shots, "seed": seed,
            "profile": "tiny", "overrides": {}}
     if status != "ok":

@@ -11,9 +11,9 @@ import torch
 pytest.importorskip("anomalib")
 
 from harness.method import FitContext  # noqa: E402
-from harness.progress import Progress  # noqa: E402
-from harness.registry import load_registry  # noqa: E402
-from harness.weights import WeightsResolver  # noqa: E402
+from harness.engine.support.progress import Progress  # noqa: E402
+from harness.engine.registry import load_registry  # noqa: E402
+from harness.engine.weights import WeightsResolver  # noqa: E402
 
 #: The names ``results/reported/`` uses for the methods anomalib implements.
 NAMES = ("draem", "rd4ad", "padim", "fastflow", "cfa", "cflow", "stfpm", "csflow", "winclip", "dinomaly", "inpformer",
@@ -32,7 +32,7 @@ def _method(registry, name, profile="tiny", **overrides):
 
 
 def _context(tmp_path, settings, **kwargs):
-    from harness.checkpoint import TrainingCheckpoint
+    from harness.engine.support.checkpoint import TrainingCheckpoint
 
     return FitContext(device=torch.device("cpu"), seed=0, profile="tiny", settings=settings, cache_dir=tmp_path,
                       weights=WeightsResolver(tmp_path / "weights"), progress=Progress(False),
@@ -247,7 +247,7 @@ def test_weights_are_declared_pinned_and_read_from_disk_only(registry, tmp_path)
 
 
 def test_a_fit_is_checkpointed_at_epoch_ends_and_resumes(registry, tmp_path):
-    from harness.state_io import load_state
+    from harness.engine.support.state_io import load_state
 
     spec, settings, method = _method(registry, "stfpm", epochs=2, train_batch_size=6)
     train = _train()
@@ -297,7 +297,7 @@ def test_tiny_end_to_end_run_of_a_few_models(tmp_path, monkeypatch):
 
 
 def test_an_interrupted_fit_resumes_after_its_last_finished_epoch(registry, tmp_path, monkeypatch):
-    from harness.checkpoint import Position
+    from harness.engine.support.checkpoint import Position
 
     spec, settings, method = _method(registry, "stfpm", epochs=2, train_batch_size=6)
     train = _train()

@@ -66,7 +66,7 @@ def test_without_anomalib_its_methods_are_simply_absent(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "anomalib" else real(name, *a))
     assert plugin.harness_methods() == []
-    from harness.registry import load_registry
+    from harness.engine.registry import load_registry
 
     registry = load_registry()
     assert "padim" not in registry.methods and "patchcore" in registry.methods

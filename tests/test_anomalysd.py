@@ -318,7 +318,7 @@ def test_pretrained_files_load_through_the_declared_weights(tmp_path, monkeypatc
     assert {"sd", "lpips_trunk", "backbone", "lpips_linear"} <= used
     # A file under torchvision's name must carry torchvision's hash prefix.
     torch.save(reference_alex.state_dict(), weights / "alexnet-owt-7be5be79.pth")
-    from harness.weights import WeightsVerifyError
+    from harness.engine.weights import WeightsVerifyError
 
     with pytest.raises(WeightsVerifyError, match="7be5be79"):
         build(settings.replace(lpips_weights_file="")).fit(_train_set(32, n=1),
@@ -420,7 +420,7 @@ def test_check_method_passes():
 
 def _interrupt_after(monkeypatch, steps: int):
     """Make the fit die right after its ``steps``-th optimiser step has been checkpointed."""
-    from harness import checkpoint
+    from harness.engine.support import checkpoint
 
     original = checkpoint.Position.step
     count = {"n": 0}

@@ -25,10 +25,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from harness import Sample, TrainSet
 from harness.data import ImageCache
-from harness.evaluation import Evaluator
+from harness.engine.inference.evaluation import Evaluator
 from harness.method import image_seed
 from harness.metrics.builtin import STANDARD_METRICS
-from harness.progress import Progress
+from harness.engine.support.progress import Progress
 from harness.testing import fit_context, tiny_dataset
 
 #: Scalar reads one predict call may make, whatever its batch and step count.
@@ -201,7 +201,7 @@ def test_compiled_inference_gives_the_eager_metrics(fitted):
         pytest.skip("one method's compile suffices (inductor's C++ builds take minutes per model on 2 cores)")
     from torch._dynamo.utils import counters
 
-    from harness.acceleration import prepare_inference
+    from harness.engine.inference.acceleration import prepare_inference
 
     eager = _evaluate_at(method, 4)
     counters.clear()

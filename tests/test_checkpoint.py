@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from harness import signals
-from harness.checkpoint import TrainingCheckpoint
-from harness.state_io import DamagedStateError, UnsupportedStateError, load_state, read_info, save_state
+from harness.engine.support import signals
+from harness.engine.support.checkpoint import TrainingCheckpoint
+from harness.engine.support.state_io import DamagedStateError, UnsupportedStateError, load_state, read_info, save_state
 
 
 def test_state_files_round_trip_nested_state_without_pickle(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from cli_helpers import harness
 from cli_helpers import install_package as _install
 
-from harness.records import iter_records
+from harness.results.records import iter_records
 
 REPO = Path(__file__).resolve().parents[1]
 

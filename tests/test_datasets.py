@@ -19,9 +19,9 @@ import dataset_fixtures as F  # noqa: E402
 from harness_benchmarks import dagm, folder, medical, mpdd, mvtec, mvtec3d, visa  # noqa: E402
 
 from harness import read_image, read_mask  # noqa: E402
-from harness.dataset_summary import summarize  # noqa: E402
+from harness.engine.dataset_summary import summarize  # noqa: E402
 from harness.errors import DatasetError  # noqa: E402
-from harness.registry import load_registry  # noqa: E402
+from harness.engine.registry import load_registry  # noqa: E402
 
 MODULES = [("mvtec", mvtec), ("visa", visa), ("mpdd", mpdd), ("dagm", dagm), ("mvtec3d", mvtec3d),
            ("medical", medical), ("folder", folder)]
@@ -212,10 +212,10 @@ def test_broken_tree_lists_every_problem_with_its_file(tmp_path):
 # -- the summary command ---------------------------------------------------------------------
 def test_data_summary_json(trees, monkeypatch, capsys):
     import harness.cli
-    import harness.registry
+    import harness.engine.registry
 
     registry = load_registry(entry_points=[], extra_plugins=MODULES)
-    monkeypatch.setattr(harness.registry, "load_registry", lambda *a, **k: registry)
+    monkeypatch.setattr(harness.engine.registry, "load_registry", lambda *a, **k: registry)
     assert harness.cli.main(["data", "summary", "--dataset", "visa", "--root", str(trees["visa_raw"]),
                              "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -234,8 +234,8 @@ def test_data_summary_json(trees, monkeypatch, capsys):
 def test_runner_on_the_mvtec_fixture(trees, run_options):
     from toy_plugins import ToyPlugin
 
-    from harness.jobs import expand_jobs
-    from harness.runner import Runner
+    from harness.engine.jobs import expand_jobs
+    from harness.engine.runner import Runner
 
     registry = load_registry(entry_points=[], extra_plugins=[("toy", ToyPlugin()), ("mvtec", mvtec)])
     run_options.data_roots = {"mvtec": trees["mvtec"]}

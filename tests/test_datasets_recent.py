@@ -21,7 +21,7 @@ from harness_benchmarks import btad, ksdd2, mvtec_ad2, mvtec_loco, realiad  # no
 
 from harness import read_mask  # noqa: E402
 from harness.errors import DatasetError  # noqa: E402
-from harness.registry import load_registry  # noqa: E402
+from harness.engine.registry import load_registry  # noqa: E402
 
 MODULES = [("mvtec_ad2", mvtec_ad2), ("mvtec_loco", mvtec_loco), ("realiad", realiad), ("btad", btad),
            ("ksdd2", ksdd2)]
@@ -32,10 +32,10 @@ BUILDERS = {"mvtec_ad2": R.build_mvtec_ad2, "mvtec_loco": R.build_mvtec_loco, "r
 @pytest.fixture
 def registry(monkeypatch):
     """A registry of the five plugins, also seen by the CLI."""
-    import harness.registry
+    import harness.engine.registry
 
     reg = load_registry(entry_points=[], extra_plugins=MODULES)
-    monkeypatch.setattr(harness.registry, "load_registry", lambda *a, **k: reg)
+    monkeypatch.setattr(harness.engine.registry, "load_registry", lambda *a, **k: reg)
     return reg
 
 

@@ -17,7 +17,7 @@ except ImportError:  # not installed: import from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "diad"))
 
 from harness import TrainSet  # noqa: E402
-from harness.checkpoint import Position  # noqa: E402
+from harness.engine.support.checkpoint import Position  # noqa: E402
 from harness.data import ImageCache, Sample  # noqa: E402
 from harness.testing import check_method, check_spec, fit_context  # noqa: E402
 from harness.toolkit.scoring import pooled_max  # noqa: E402

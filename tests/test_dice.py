@@ -10,14 +10,14 @@ import harness_benchmarks.medical as medical_plugin
 from dataset_fixtures import build_bmad
 from toy_plugins import ToyPlugin
 
-from harness.evaluation import Evaluator
-from harness.jobs import Job
+from harness.engine.inference.evaluation import Evaluator
+from harness.engine.jobs import Job
 from harness.metrics import CategoryScores, MetricAccumulator
 from harness.metrics.builtin import DICE
 from harness.metrics.dice import MEDICAL_DATASETS, dice, dice_at_threshold
-from harness.registry import load_registry
-from harness.report.maps import iter_all_maps
-from harness.runner import Runner
+from harness.engine.registry import load_registry
+from harness.results.report.maps import iter_all_maps
+from harness.engine.runner import Runner
 
 
 def _maps(seed, n=6, size=20, decimals=2):

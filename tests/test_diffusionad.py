@@ -292,7 +292,7 @@ def test_levels_and_combination_change_the_output():
 
 def test_fit_resumes_exactly_from_a_mid_fit_checkpoint(tmp_path):
     """In process: a fit stopped after some steps and resumed equals an uninterrupted fit."""
-    from harness import signals
+    from harness.engine.support import signals
 
     settings = micro(epochs=3, train_batch_size=2)
     images = torch.rand(2, 3, 32, 32)
@@ -351,7 +351,7 @@ def _record(results: Path) -> dict:
 
 def _checkpoint_step(cache: Path) -> int:
     """The step of the newest checkpoint written so far (0 when none)."""
-    from harness.state_io import load_state
+    from harness.engine.support.state_io import load_state
 
     for path in sorted(cache.rglob("checkpoint-*.safetensors"), reverse=True):
         try:

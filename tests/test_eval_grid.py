@@ -12,10 +12,10 @@ from PIL import Image
 
 from harness import EvalGrid
 from harness.errors import UsageError
-from harness.evaluation import grid_map, grid_mask
-from harness.jobs import expand_jobs
-from harness.records import read_record
-from harness.runner import Runner
+from harness.engine.inference.evaluation import grid_map, grid_mask
+from harness.engine.jobs import expand_jobs
+from harness.results.records import read_record
+from harness.engine.runner import Runner
 from harness.specs import harness_grid
 
 for _plugin in ("diffusionad", "diad", "lafite", "patchcore"):
@@ -105,7 +105,7 @@ def test_paper_grid_jobs_are_recorded_apart_and_say_which_grid(toy_registry, run
     assert read_record(first.record_path)["run"]["eval_grid"]["name"] == "harness"
     grid = read_record(second.record_path)["run"]["eval_grid"]
     assert grid["name"] == "paper" and "declares no paper grid" in grid["note"]
-    from harness.leaderboard import collect
+    from harness.results.leaderboard import collect
 
     frame = collect(run_options.results_dir)
     assert set(frame["overrides"]) == {"", "eval_grid=paper"}

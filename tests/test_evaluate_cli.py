@@ -10,10 +10,10 @@ import tifffile
 
 from harness.cli import main
 from harness.data import read_mask
-from harness.export import write_mvtec_layout
+from harness.results.export import write_mvtec_layout
 from harness.metrics import evaluate
-from harness.records import iter_records
-from harness.registry import load_registry
+from harness.results.records import iter_records
+from harness.engine.registry import load_registry
 
 CATEGORIES = ["weave", "disc"]
 
@@ -59,7 +59,7 @@ def test_evaluate_tiff_maps_prints_table_and_writes_a_record(dataset_dir, tmp_pa
             assert record["metrics"][category][metric] == pytest.approx(value, abs=1e-12)
     assert 0.5 < record["mean"]["pixel_aupro"] < 1.0
 
-    from harness.leaderboard import build_leaderboard
+    from harness.results.leaderboard import build_leaderboard
 
     board = build_leaderboard(tmp_path / "results", reported_dir=None, fmt="markdown")
     assert "mymethod (maps)" in board

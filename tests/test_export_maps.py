@@ -17,11 +17,11 @@ from toy_plugins import MeanImage, ToyPlugin, load_toy, method_spec
 
 from harness import Prediction, hookimpl
 from harness.cli import main
-from harness.evaluate_maps import evaluate_maps
-from harness.jobs import Job
-from harness.records import scan_records
-from harness.registry import load_registry
-from harness.runner import Runner
+from harness.results.evaluate_maps import evaluate_maps
+from harness.engine.jobs import Job
+from harness.results.records import scan_records
+from harness.engine.registry import load_registry
+from harness.engine.runner import Runner
 
 EVAL_SIZE = 48  # not the toy's 32: maps and masks are resized on their way to the metrics
 
@@ -50,7 +50,7 @@ STANDARD = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap",
 @pytest.fixture(scope="module")
 def exported_run(tmp_path_factory):
     """Two methods on the toy data with --save-maps all, and the noisy one exported with --ground-truth."""
-    from harness.runner import RunOptions
+    from harness.engine.runner import RunOptions
 
     tmp = tmp_path_factory.mktemp("export")
     registry = load_registry(entry_points=[], extra_plugins=[("toy", ToyPlugin()), ("noisy", NoisyPlugin())])
@@ -168,7 +168,7 @@ def test_export_errors_are_usage_errors(exported_run, tmp_path, capsys):
     assert "no finished record of method 'nosuch'" in capsys.readouterr().err
     # A record saved with --save-maps sample has no map of every image.
     registry = load_registry(entry_points=[], extra_plugins=[("toy", ToyPlugin())])
-    from harness.runner import RunOptions
+    from harness.engine.runner import RunOptions
 
     options = RunOptions(results_dir=tmp_path / "r", cache_dir=tmp_path / "c", device="cpu", eval_size=32,
                          progress=False, latency_repeats=1, save_maps="sample")
@@ -179,7 +179,7 @@ def test_export_errors_are_usage_errors(exported_run, tmp_path, capsys):
 
 
 def test_several_records_go_to_one_folder_each(tmp_path):
-    from harness.runner import RunOptions
+    from harness.engine.runner import RunOptions
 
     registry = load_registry(entry_points=[], extra_plugins=[("toy", ToyPlugin())])
     options = RunOptions(results_dir=tmp_path / "r", cache_dir=tmp_path / "c", device="cpu", eval_size=32,
@@ -198,7 +198,7 @@ def test_several_records_go_to_one_folder_each(tmp_path):
 @pytest.mark.slow
 def test_the_command_line_round_trip_on_the_synthetic_data(tmp_path, capsys):
     """harness export-maps, then harness evaluate (the installed synthetic dataset), give the record."""
-    from harness.runner import RunOptions
+    from harness.engine.runner import RunOptions
 
     registry = load_registry(extra_plugins=[("noisy", NoisyPlugin())])
     options = RunOptions(results_dir=tmp_path / "r", cache_dir=tmp_path / "c", device="cpu", eval_size=64,

@@ -23,15 +23,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness import fsutil
+from harness.engine.support import fsutil
 from harness.cli import main
 from harness.data import read_image, read_mask
-from harness.fsutil import StorageError
-from harness.jobs import expand_jobs
-from harness.leaderboard import build_leaderboard
-from harness.locks import JobLock
-from harness.records import iter_records, load_record
-from harness.runner import Runner
+from harness.engine.support.fsutil import StorageError
+from harness.engine.jobs import expand_jobs
+from harness.results.leaderboard import build_leaderboard
+from harness.engine.support.locks import JobLock
+from harness.results.records import iter_records, load_record
+from harness.engine.runner import Runner
 
 REPO = Path(__file__).resolve().parents[1]
 FAULTKIT = REPO / "tests" / "testpkg" / "harness-faultkit"
@@ -186,7 +186,7 @@ def test_a_full_disk_leaves_no_partial_record_and_names_the_folder(toy_registry,
 
 
 def test_a_full_disk_while_checkpointing_leaves_no_partial_file(tmp_path, monkeypatch):
-    from harness.state_io import save_state
+    from harness.engine.support.state_io import save_state
 
     monkeypatch.setattr(fsutil.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
     with pytest.raises(StorageError, match=str(tmp_path)):

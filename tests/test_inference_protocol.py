@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.efficiency import PredictTimer, median_iqr
-from harness.flops import flop_counter, limit_share, peak_tflops
-from harness.jobs import expand_jobs
+from harness.engine.inference.efficiency import PredictTimer, median_iqr
+from harness.engine.inference.flops import flop_counter, limit_share, peak_tflops
+from harness.engine.jobs import expand_jobs
 from harness.method import accepts_seeds, call_predict, image_seed
-from harness.records import read_record
-from harness.runner import Runner
+from harness.results.records import read_record
+from harness.engine.runner import Runner
 from harness.toolkit.noise import ImageNoise
 
 TIMING_FIELDS = ("fps", "per_image_ms_median", "per_image_ms_iqr", "timed_calls", "timed_images", "warmup_calls",
@@ -137,7 +137,7 @@ class _Conv:
 
 
 def test_cast_mode_casts_once_and_accepts_float32_inputs():
-    from harness.acceleration import prepare_inference
+    from harness.engine.inference.acceleration import prepare_inference
 
     method = _Conv()
     x = torch.rand(2, 3, 16, 16)
@@ -152,7 +152,7 @@ def test_cast_mode_casts_once_and_accepts_float32_inputs():
 
 
 def test_autocast_mode_and_fp32_leave_the_weights_alone():
-    from harness.acceleration import prepare_inference
+    from harness.engine.inference.acceleration import prepare_inference
 
     for precision, mode in (("bf16", "autocast"), ("fp32", "cast")):
         method = _Conv()
@@ -161,7 +161,7 @@ def test_autocast_mode_and_fp32_leave_the_weights_alone():
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning():
-    from harness.acceleration import InferenceSetup
+    from harness.engine.inference.acceleration import InferenceSetup
 
     method = _Conv()
     method.net._compiled_call_impl = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("inductor broke"))

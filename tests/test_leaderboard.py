@@ -9,8 +9,8 @@ import statistics
 import pandas as pd
 import pytest
 
-from harness.leaderboard import build_leaderboard, collect, compare_accuracy, tidy_table, write_leaderboard
-from harness.records import write_record
+from harness.results.leaderboard import build_leaderboard, collect, compare_accuracy, tidy_table, write_leaderboard
+from harness.results.records import write_record
 from record_helpers import sample_record as _record
 from record_helpers import write_sample_record as _write
 
@@ -233,7 +233,7 @@ def test_dev_runs_and_random_weights_are_never_shown(tmp_path):
 
 
 def test_numerics_environments_name_where_the_tabled_numbers_were_computed(results, tmp_path):
-    from harness.leaderboard import numerics_environments, same_numerics
+    from harness.results.leaderboard import numerics_environments, same_numerics
 
     envs = numerics_environments(results)
     # The fixture's records carry no environment: one unknown environment, the failed record left out.

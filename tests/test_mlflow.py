@@ -10,10 +10,10 @@ import pytest
 import harness_mlflow.plugin as mlflow_plugin
 from toy_plugins import ToyPlugin
 
-from harness.jobs import Job
-from harness.registry import load_registry
-from harness.report.maps import read_sample
-from harness.runner import Runner
+from harness.engine.jobs import Job
+from harness.engine.registry import load_registry
+from harness.results.report.maps import read_sample
+from harness.engine.runner import Runner
 
 
 def _registry():

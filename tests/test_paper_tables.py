@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from harness.cli import main
-from harness.paper_tables import build_paper_table, load_layouts, paper_section
-from harness.reported import load_reported, method_label
+from harness.results.paper_tables import build_paper_table, load_layouts, paper_section
+from harness.results.reported import load_reported, method_label
 from record_helpers import sample_record as _record
 from record_helpers import write_sample_record as _write
 
@@ -119,7 +119,7 @@ def test_unknown_names_give_a_clear_error(args, words):
 
 
 def test_html_report_has_the_paper_tables(tmp_path):
-    from harness.report.html import build_report
+    from harness.results.report.html import build_report
 
     results = tmp_path / "results"
     _write(results, _record("uniad", 0, 0.90, dataset="visa"))

@@ -14,7 +14,7 @@ from toy_plugins import load_toy
 from harness import Sample, TrainSet, WeightsNotFoundError
 from harness.data import ImageCache, read_image, resize_image, to_tensor
 from harness.testing import check_method, fit_context
-from harness.weights import WeightsResolver, verify
+from harness.engine.weights import WeightsResolver, verify
 from harness_patchcore.model import PatchCore, aggregate_patches
 from harness_patchcore.plugin import harness_methods
 from harness_patchcore.weightfiles import WRN50_V1

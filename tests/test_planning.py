@@ -8,8 +8,8 @@ import pytest
 
 from harness.cli import main
 from harness.errors import UsageError
-from harness.jobs import expand_jobs
-from harness.planning import Planner
+from harness.engine.jobs import expand_jobs
+from harness.engine.planning import Planner
 
 
 def _run(tmp_path, *args):
@@ -62,7 +62,7 @@ def test_a_setting_known_to_only_some_methods_applies_to_those(toy_registry, run
 
 
 def test_plan_rejects_a_protocol_the_method_does_not_support(toy_registry, run_options):
-    from harness.jobs import Job
+    from harness.engine.jobs import Job
 
     with pytest.raises(UsageError, match="does not support"):
         Planner(toy_registry, run_options).plan_job(Job("meanimage", "toy", "nonsense", None, 0, "tiny"))
@@ -89,7 +89,7 @@ def test_fit_bytes_counts_the_finished_state_and_bounds_the_checkpoints():
 
     import torch
 
-    from harness.preflight import CHECKPOINTS_KEPT, OPTIMISER_MOMENTS, fit_bytes
+    from harness.engine.preflight import CHECKPOINTS_KEPT, OPTIMISER_MOMENTS, fit_bytes
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -104,10 +104,10 @@ def test_fit_bytes_counts_the_finished_state_and_bounds_the_checkpoints():
 
 
 def test_no_room_for_the_finished_fit_is_a_problem_naming_the_cache_dir(tmp_path, capsys, monkeypatch):
-    import harness.fsutil
+    import harness.engine.support.fsutil
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(harness.fsutil, "free_bytes", lambda folder: 1)
+    monkeypatch.setattr(harness.engine.support.fsutil, "free_bytes", lambda folder: 1)
     code, results, cache = _run(tmp_path, "--methods", "patchcore")
     err = capsys.readouterr().err
     assert code == 2
@@ -116,12 +116,12 @@ def test_no_room_for_the_finished_fit_is_a_problem_naming_the_cache_dir(tmp_path
 
 
 def test_room_for_the_fit_but_maybe_not_its_checkpoints_is_a_note(tmp_path, capsys, monkeypatch):
-    import harness.fsutil
-    import harness.preflight
+    import harness.engine.support.fsutil
+    import harness.engine.preflight
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(harness.fsutil, "free_bytes", lambda folder: 2**30)
-    monkeypatch.setattr(harness.preflight, "fit_bytes", lambda planned: (2**20, 2**40))
+    monkeypatch.setattr(harness.engine.support.fsutil, "free_bytes", lambda folder: 2**30)
+    monkeypatch.setattr(harness.engine.preflight, "fit_bytes", lambda planned: (2**20, 2**40))
     code, results, cache = _run(tmp_path, "--methods", "patchcore", "--dry-run")
     out = capsys.readouterr().out
     assert code == 0, out

@@ -6,7 +6,7 @@ import pytest
 from toy_plugins import load_toy
 
 from harness.errors import UsageError
-from harness.protocols import draw_shots, plan_fit_units, stable_seed
+from harness.engine.protocols import draw_shots, plan_fit_units, stable_seed
 
 
 def test_multiclass_is_one_fit_on_every_category():

@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 
 from harness.errors import UsageError
-from harness.jobs import Job
-from harness.options import RunOptions
-from harness.planning import Planner
-from harness.records import load_record
-from harness.registry import load_registry
-from harness.runner import run_plan
+from harness.engine.jobs import Job
+from harness.engine.options import RunOptions
+from harness.engine.planning import Planner
+from harness.results.records import load_record
+from harness.engine.registry import load_registry
+from harness.engine.runner import run_plan
 from harness.specs import Resources
 from ray_toys import install_entry_point
 
@@ -87,7 +87,7 @@ def _options(root: Path, **changes) -> RunOptions:
 
 
 def _on_ray(registry, jobs, options, **executor_args):
-    from harness.executors.ray import RayExecutor
+    from harness.engine.executors.ray import RayExecutor
 
     return run_plan(registry, Planner(registry, options).plan(jobs), RayExecutor(options, **executor_args))
 
@@ -123,7 +123,7 @@ def test_missing_ray_names_the_extra_to_install(monkeypatch):
 
 def test_requests_devices_and_feasibility():
     _need_ray()
-    from harness.executors.ray import check_requests, task_options, torch_threads, worker_device
+    from harness.engine.executors.ray import check_requests, task_options, torch_threads, worker_device
 
     assert task_options(Resources(gpus=1, cpus=4, memory_gb=32), "auto") == {
         "num_cpus": 4.0, "num_gpus": 1.0, "memory": 32 * 2**30}
@@ -158,7 +158,7 @@ def test_an_address_nobody_answers_is_found_at_once():
     _need_ray()
     import socket
 
-    from harness.executors.ray import _unreachable
+    from harness.engine.executors.ray import _unreachable
 
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
@@ -171,7 +171,7 @@ def test_an_address_nobody_answers_is_found_at_once():
 
 def test_workers_load_only_the_entry_points_a_job_needs(toy_registry, tmp_path):
     _need_ray()
-    from harness.executors.ray import plugins_for
+    from harness.engine.executors.ray import plugins_for
 
     # The toys of conftest's registry live in this process only: no worker could load them.
     with pytest.raises(UsageError, match="registered in this process only"):
@@ -188,8 +188,8 @@ def test_workers_load_only_the_entry_points_a_job_needs(toy_registry, tmp_path):
 
 def test_artifacts_travel_from_a_scratch_folder_to_beside_the_record(tmp_path):
     _need_ray()
-    from harness.executors.ray import collect_artifacts, place_artifacts
-    from harness.fsutil import StorageError
+    from harness.engine.executors.ray import collect_artifacts, place_artifacts
+    from harness.engine.support.fsutil import StorageError
 
     scratch = tmp_path / "scratch" / "tiny-seed0.json"
     (scratch.parent / "tiny-seed0.maps" / "all").mkdir(parents=True)
@@ -215,7 +215,7 @@ def test_artifacts_travel_from_a_scratch_folder_to_beside_the_record(tmp_path):
 
 # -- on the module's cluster ----------------------------------------------------------------------------
 def test_ray_records_equal_in_process_records_and_a_rerun_skips_them(registry, tmp_path, monkeypatch):
-    from harness.executors.ray import RayExecutor
+    from harness.engine.executors.ray import RayExecutor
 
     jobs = [_job("meanimage"), _job("meanimage", "oneclass"), _job("meanimage", "fewshot", 2, seed=1),
             _job("stepper", seed=3), _job("raising")]

@@ -21,15 +21,15 @@ from harness_benchmarks import mvtec_ad2, realiad  # noqa: E402
 
 from harness import read_mask  # noqa: E402
 from harness.metrics import aupro  # noqa: E402
-from harness.registry import load_registry  # noqa: E402
+from harness.engine.registry import load_registry  # noqa: E402
 
 
 def _evaluate(tmp_path, monkeypatch, name, module, root, maps_dir):
     import harness.cli
-    import harness.registry
+    import harness.engine.registry
 
     registry = load_registry(entry_points=[], extra_plugins=[(name, module)])
-    monkeypatch.setattr(harness.registry, "load_registry", lambda *a, **k: registry)
+    monkeypatch.setattr(harness.engine.registry, "load_registry", lambda *a, **k: registry)
     results = tmp_path / "results"
     assert harness.cli.main(["evaluate", "--maps", str(maps_dir), "--dataset", name, "--root", str(root),
                              "--results-dir", str(results), "--name", "elsewhere"]) == 0

@@ -22,14 +22,14 @@ except ImportError:  # pragma: no cover
 import recent_dataset_fixtures as R  # noqa: E402
 from harness_benchmarks import mvtec_ad2, mvtec_loco, realiad  # noqa: E402
 
-from harness.registry import load_registry  # noqa: E402
+from harness.engine.registry import load_registry  # noqa: E402
 
 
 def _run(tmp_path, run_options, name, module, builder, seed=0, protocol="multiclass"):
     from toy_plugins import ToyPlugin
 
-    from harness.jobs import expand_jobs
-    from harness.runner import Runner
+    from harness.engine.jobs import expand_jobs
+    from harness.engine.runner import Runner
 
     root = tmp_path / name
     builder(root, random.Random(seed))
@@ -45,7 +45,7 @@ def test_mvtec_ad2_scores_the_public_set_and_exports_the_private_ones(tmp_path, 
     import tifffile
     from PIL import Image
 
-    from harness.report.export import export_maps
+    from harness.results.report.export import export_maps
 
     root, outcome = _run(tmp_path, run_options, "mvtec_ad2", mvtec_ad2, R.build_mvtec_ad2)
     record = outcome.record
@@ -107,7 +107,7 @@ def test_mvtec_loco_run_reports_spro_by_anomaly_type(tmp_path, run_options):
 
 
 def test_leaderboard_shows_loco_by_anomaly_type(tmp_path, run_options):
-    from harness.leaderboard import build_leaderboard
+    from harness.results.leaderboard import build_leaderboard
 
     _run(tmp_path, run_options, "mvtec_loco", mvtec_loco, R.build_mvtec_loco)
     registry = load_registry(entry_points=[], extra_plugins=[("mvtec_loco", mvtec_loco)])
@@ -140,9 +140,9 @@ def test_run_passes_data_options_to_the_loader(tmp_path, run_options, monkeypatc
     from toy_plugins import ToyPlugin
 
     import harness.cli
-    import harness.registry
-    from harness.jobs import expand_jobs
-    from harness.planning import plan_jobs
+    import harness.engine.registry
+    from harness.engine.jobs import expand_jobs
+    from harness.engine.planning import plan_jobs
 
     root = tmp_path / "realiad"
     R.build_realiad(root, random.Random(30))
@@ -153,14 +153,14 @@ def test_run_passes_data_options_to_the_loader(tmp_path, run_options, monkeypatc
                      run_options)
     samples = [s for c in plan.indexes["realiad"].categories.values() for s in c.test]
     assert samples and all("realiad_256" in str(s.image) for s in samples)
-    monkeypatch.setattr(harness.registry, "load_registry", lambda *a, **k: registry)
+    monkeypatch.setattr(harness.engine.registry, "load_registry", lambda *a, **k: registry)
     assert harness.cli.main(["run", "--methods", "meanimage", "--datasets", "realiad", "--data-root", str(root),
                              "--data-option", "colour=red", "--dry-run"]) == 2
     assert "--data-option colour: no dataset of this run takes it" in capsys.readouterr().err
 
 
 def test_a_forced_rerun_leaves_no_stale_private_map(tmp_path, run_options):
-    from harness.unscored import unscored_folder
+    from harness.engine.unscored import unscored_folder
 
     root, outcome = _run(tmp_path, run_options, "mvtec_ad2", mvtec_ad2, R.build_mvtec_ad2)
     stale = unscored_folder(outcome.record_path) / "anomaly_images" / "can" / "test_private" / "gone.tiff"

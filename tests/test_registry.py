@@ -11,9 +11,9 @@ from toy_plugins import PAPER, PROFILES, MeanImage, ToyPlugin
 
 from harness import MethodSpec, hookimpl
 from harness.errors import UsageError
-from harness.jobs import expand_jobs
-from harness.registry import load_registry
-from harness.runner import Runner
+from harness.engine.jobs import expand_jobs
+from harness.engine.registry import load_registry
+from harness.engine.runner import Runner
 
 
 class _Duplicate:

@@ -15,10 +15,10 @@ from toy_plugins import MeanImage, RaisingMethod, ToyPlugin, method_spec
 
 from harness import Prediction, hookimpl
 from harness.cli import main
-from harness.jobs import Job
-from harness.registry import load_registry
-from harness.report.maps import SAMPLE, SAMPLE_ANOMALOUS, SAMPLE_NORMAL, read_curves, read_sample
-from harness.runner import RunOptions, Runner
+from harness.engine.jobs import Job
+from harness.engine.registry import load_registry
+from harness.results.report.maps import SAMPLE, SAMPLE_ANOMALOUS, SAMPLE_NORMAL, read_curves, read_sample
+from harness.engine.runner import RunOptions, Runner
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "build" / "report-screenshot.png"

@@ -7,11 +7,11 @@ import pytest
 
 from toy_plugins import ToyPlugin, load_toy
 
-from harness.jobs import Job
-from harness.registry import load_registry
-from harness.report.maps import (SAMPLE, SAMPLE_ANOMALOUS, SAMPLE_NORMAL, WORST_FN, WORST_FP, artifacts_folder,
+from harness.engine.jobs import Job
+from harness.engine.registry import load_registry
+from harness.results.report.maps import (SAMPLE, SAMPLE_ANOMALOUS, SAMPLE_NORMAL, WORST_FN, WORST_FP, artifacts_folder,
                                  iter_all_maps, read_sample, sample_keys)
-from harness.runner import Runner
+from harness.engine.runner import Runner
 
 
 def _keys(category="red"):
@@ -32,7 +32,7 @@ def test_the_sample_depends_on_the_test_set_only():
 
 
 def _run(tmp_path, save_maps, jobs, force=False):
-    from harness.runner import RunOptions
+    from harness.engine.runner import RunOptions
 
     registry = load_registry(entry_points=[], extra_plugins=[("toy", ToyPlugin())])
     options = RunOptions(results_dir=tmp_path / "results", cache_dir=tmp_path / "cache", device="cpu", eval_size=32,
@@ -99,7 +99,7 @@ def test_a_failed_job_leaves_no_saved_maps(tmp_path):
 
 
 def test_the_report_warns_about_damaged_saved_maps_and_still_renders(tmp_path):
-    from harness.report.html import build_report
+    from harness.results.report.html import build_report
 
     outcome = _run(tmp_path, "sample", [Job("meanimage", "toy", "multiclass", None, 0, "tiny")]).outcomes[0]
     damaged = artifacts_folder(outcome.record_path) / "sample.safetensors"

@@ -94,10 +94,10 @@ def test_method_identifiers(reported):
 
 def test_method_names_are_canonical(reported):
     """One name per method (``stfpm``, ``csflow``): the names the harness's plugins register."""
-    from harness.reported import REPORTED_METHODS
+    from harness.results.reported import REPORTED_METHODS
 
     unknown = sorted(set(reported["method"]) - set(REPORTED_METHODS))
-    assert not unknown, f"not in harness.reported.REPORTED_METHODS: {unknown}"
+    assert not unknown, f"not in harness.results.reported.REPORTED_METHODS: {unknown}"
 
 
 def test_categories(reported):

@@ -28,7 +28,7 @@ import pytest
 
 from synthetic_runs import copy_main_job_records, session_main_job
 
-from harness.leaderboard import ENVIRONMENTS_FILE, compare_accuracy, same_numerics
+from harness.results.leaderboard import ENVIRONMENTS_FILE, compare_accuracy, same_numerics
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "results" / "synthetic" / "leaderboard.csv"

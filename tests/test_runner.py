@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.jobs import Job, expand_jobs
-from harness.records import iter_records, read_record
-from harness.runner import Runner
+from harness.engine.jobs import Job, expand_jobs
+from harness.results.records import iter_records, read_record
+from harness.engine.runner import Runner
 
 
 def _jobs(methods, protocol="multiclass", shots=None, seeds=(0,)):
@@ -33,7 +33,7 @@ def test_multiclass_job_writes_a_complete_record(toy_registry, run_options):
     assert eff["params_by_network"] == {"stats": 0}  # buffers are state, not parameters
     assert record["method_info"]["categories_seen"] == ["red", "blue"]
     assert record["environment"]["torch"]
-    # What decides bit-for-bit agreement with another run (harness.environment.NUMERICS_KEYS).
+    # What decides bit-for-bit agreement with another run (harness.engine.support.environment.NUMERICS_KEYS).
     assert record["environment"]["cpu_model"] and record["environment"]["cpu_capability"]
     if Path("/proc/cpuinfo").is_file():
         assert record["environment"]["cpu_signature"]

@@ -152,8 +152,8 @@ def _reference_from_files(root: Path, maps_dir: Path, category: str):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_harness_evaluate_gives_the_reference_spro(tmp_path, monkeypatch, capsys, seed):
     import harness.cli
-    import harness.registry
-    from harness.registry import load_registry
+    import harness.engine.registry
+    from harness.engine.registry import load_registry
 
     root = tmp_path / "loco"
     R.build_mvtec_loco(root, random.Random(seed))
@@ -169,7 +169,7 @@ def test_harness_evaluate_gives_the_reference_spro(tmp_path, monkeypatch, capsys
             path.parent.mkdir(parents=True, exist_ok=True)
             np.save(path, amap)
     registry = load_registry(entry_points=[], extra_plugins=[("mvtec_loco", mvtec_loco)])
-    monkeypatch.setattr(harness.registry, "load_registry", lambda *a, **k: registry)
+    monkeypatch.setattr(harness.engine.registry, "load_registry", lambda *a, **k: registry)
     results = tmp_path / "results"
     assert harness.cli.main(["evaluate", "--maps", str(maps_dir), "--dataset", "mvtec_loco", "--root", str(root),
                              "--results-dir", str(results), "--name", "random"]) == 0
@@ -194,8 +194,8 @@ REFERENCE = Path(__file__).resolve().parent / "golden" / "spro" / "reference.jso
 def test_harness_evaluate_equals_the_official_code(tmp_path, monkeypatch, capsys, seed):
     """``reference.json`` was made by MVTec's LOCO evaluation modules (tests/golden/spro/make_reference.py)."""
     import harness.cli
-    import harness.registry
-    from harness.registry import load_registry
+    import harness.engine.registry
+    from harness.engine.registry import load_registry
 
     reference = json.loads(REFERENCE.read_text())["seeds"][str(seed)]
     root = tmp_path / "loco"
@@ -208,7 +208,7 @@ def test_harness_evaluate_equals_the_official_code(tmp_path, monkeypatch, capsys
             path.parent.mkdir(parents=True, exist_ok=True)
             np.save(path, amap)
     registry = load_registry(entry_points=[], extra_plugins=[("mvtec_loco", mvtec_loco)])
-    monkeypatch.setattr(harness.registry, "load_registry", lambda *a, **k: registry)
+    monkeypatch.setattr(harness.engine.registry, "load_registry", lambda *a, **k: registry)
     results = tmp_path / "results"
     assert harness.cli.main(["evaluate", "--maps", str(maps_dir), "--dataset", "mvtec_loco", "--root", str(root),
                              "--results-dir", str(results)]) == 0

@@ -9,8 +9,8 @@ from scipy import ndimage
 
 from harness.data import read_image, read_mask
 from harness.errors import DatasetError
-from harness.export import write_mvtec_layout
-from harness.registry import load_registry
+from harness.results.export import write_mvtec_layout
+from harness.engine.registry import load_registry
 from harness_synthetic import generator
 from harness_synthetic.plugin import load_synthetic
 

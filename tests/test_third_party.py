@@ -16,7 +16,7 @@ import pytest
 from cli_helpers import harness
 from cli_helpers import install_package as _install
 
-from harness.records import iter_records
+from harness.results.records import iter_records
 from harness.testing import ConformanceError, check_dataset, check_method
 
 REPO = Path(__file__).resolve().parents[1]

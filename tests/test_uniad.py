@@ -234,10 +234,10 @@ def test_a_multiclass_run_writes_an_ok_record(tmp_path):
     """End to end through the runner: one model on both toy categories, our metrics, a record."""
     import harness_uniad.plugin as uniad_plugin
 
-    from harness.jobs import Job
-    from harness.options import RunOptions
-    from harness.registry import load_registry
-    from harness.runner import Runner
+    from harness.engine.jobs import Job
+    from harness.engine.options import RunOptions
+    from harness.engine.registry import load_registry
+    from harness.engine.runner import Runner
 
     registry = load_registry(entry_points=[], extra_plugins=[("toy", ToyPlugin()), ("uniad", uniad_plugin)])
     options = RunOptions(results_dir=tmp_path / "results", cache_dir=tmp_path / "cache", device="cpu", eval_size=32,

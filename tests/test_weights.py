@@ -10,13 +10,13 @@ from safetensors.torch import save_file
 from toy_plugins import TEMPLATE_FILE, ToyPlugin, WeightedPlugin
 
 from harness.errors import WeightsNotFoundError
-from harness.jobs import expand_jobs
-from harness.planning import Planner
-from harness.preflight import run_preflight
-from harness.registry import load_registry
-from harness.runner import Runner
+from harness.engine.jobs import expand_jobs
+from harness.engine.planning import Planner
+from harness.engine.preflight import run_preflight
+from harness.engine.registry import load_registry
+from harness.engine.runner import Runner
 from harness.specs import WeightFile
-from harness.weights import WeightsPullError, WeightsResolver, WeightsVerifyError, pull, verify
+from harness.engine.weights import WeightsPullError, WeightsResolver, WeightsVerifyError, pull, verify
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 Methods build backbones with ``pretrained=False`` in their factory (so ``harness describe`` can
 build them on the meta device) and, in ``fit``, load the file their spec declares with
 :func:`load_weights` (a :class:`harness.WeightFile` resolved through
-:class:`harness.weights.WeightsResolver`; nothing is downloaded). :func:`read_state` reads
+:class:`harness.engine.weights.WeightsResolver`; nothing is downloaded). :func:`read_state` reads
 safetensors files directly and PyTorch files only with ``torch.load(weights_only=True)``, which
 cannot run code. A randomly initialised backbone gets its BatchNorm statistics re-estimated on
 the training images (:func:`recalibrate_batchnorm`).
@@ -18,7 +18,7 @@ import timm
 import torch
 
 from harness.errors import WeightsNotFoundError
-from harness.weights import WeightsResolver
+from harness.engine.weights import WeightsResolver
 
 if TYPE_CHECKING:  # pragma: no cover
     from harness.specs import WeightFile

@@ -6,14 +6,18 @@ A method whose backbone is any timm model names its ImageNet weights with
 ``harness weights pull``. Methods that need one particular file (torchvision's WideResNet-50-2 V1,
 UniAD's EfficientNet-b4) declare that file themselves and use this for every other backbone.
 
+:func:`sha256_file` is the digest the resolver checks pinned files with (cached by path, size
+and modification time), for a method that checks a file it reads by the digest in its name.
+
 Importing this module is cheap (no torch, no timm), so a plugin module may call it.
 """
 
 from __future__ import annotations
 
 from harness import WeightFile
+from harness.engine.weights import sha256_file
 
-__all__ = ["timm_backbone_file"]
+__all__ = ["timm_backbone_file", "sha256_file"]
 
 
 def timm_backbone_file(name: str, *, key: str = "backbone", setting: str = "backbone_weights_file",

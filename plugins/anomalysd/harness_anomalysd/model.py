@@ -56,7 +56,7 @@ from harness.toolkit.ops import gaussian_blur, imagenet_normalize, nearest_neigh
 from harness.toolkit.noise import ImageNoise
 from harness.toolkit.precision import autocast, grad_scaler
 from harness.toolkit.pseudo_validation import split_holdout
-from harness.weights import sha256_file
+from harness.toolkit.weightfiles import sha256_file
 from harness_anomalysd import sampling, selection
 from harness_anomalysd.augment import augment
 from harness_anomalysd.masks import foreground_mask, grid_masks, prototype_mask, random_training_mask
@@ -172,7 +172,7 @@ class AnomalySD(Method):
             # A file under torchvision's name claims torchvision's hash prefix (as torch.hub checks);
             # an explicitly named file of another name is taken as given (its sha256 is recorded).
             if ALEXNET_SHA256_PREFIX in Path(path).name and not digest.startswith(ALEXNET_SHA256_PREFIX):
-                from harness.weights import WeightsVerifyError
+                from harness.errors import WeightsVerifyError
 
                 raise WeightsVerifyError(f"{path} has sha256 {digest}; torchvision's ImageNet AlexNet file starts "
                                          f"with {ALEXNET_SHA256_PREFIX}. Fetch it with 'harness weights pull "

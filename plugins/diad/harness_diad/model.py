@@ -72,7 +72,7 @@ from harness.toolkit.ops import gaussian_blur, imagenet_normalize
 from harness.toolkit.noise import ImageNoise
 from harness.toolkit.precision import autocast, grad_scaler
 from harness.toolkit.scoring import pooled_max
-from harness.weights import sha256_file
+from harness.toolkit.weightfiles import sha256_file
 from harness_diad import weightfiles
 from harness_diad.architectures import CLIP_LENGTH, Architecture, architecture
 from harness_diad.convert import check_schedule, convert_authors_state, load_strict, read_checkpoint

@@ -1,6 +1,6 @@
 """LafitE as a harness method: feature diffusion, coreset feature editing, pseudo-validation.
 
-Fit (three checkpointed stages, :mod:`harness.checkpoint`; a killed fit resumes where it stopped)
+Fit (three checkpointed stages, :mod:`harness.engine.support.checkpoint`; a killed fit resumes where it stopped)
     0. When tau or K is searched, a seeded ``holdout_fraction`` of every category's training
        images is set aside (:func:`harness.toolkit.pseudo_validation.split_holdout`); those images
        build the pseudo-validation set and are used for nothing else: not in the standardisation

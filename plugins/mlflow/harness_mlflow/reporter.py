@@ -164,8 +164,8 @@ class MlflowReporter:
         """The saved sample maps as overlay PNGs under ``overlays/<category>/``."""
         if self.results_dir is None or record.get("status") != "ok":
             return
-        from harness.report.maps import SavedMapsError, read_sample
-        from harness.report.overlay import overlay, save_png
+        from harness.results.report.maps import SavedMapsError, read_sample
+        from harness.results.report.overlay import overlay, save_png
 
         record_path = job.record_path(Path(self.results_dir))
         try:

@@ -1,6 +1,6 @@
 """UniAD as a harness method: frozen multi-scale features reconstructed by a masked transformer.
 
-Fit (two checkpointed stages, :mod:`harness.checkpoint`; a killed fit resumes where it stopped)
+Fit (two checkpointed stages, :mod:`harness.engine.support.checkpoint`; a killed fit resumes where it stopped)
     1. ``features``: the backbone gets the EfficientNet-b4 file UniAD loads
        (``backbone_pretrained``), or seeded random weights with BatchNorm statistics re-estimated
        on the training images (``tiny``, ``--weights random``); recorded in

@@ -1,0 +1,1 @@
+"""A fitted method on the test images: precision and compilation, prediction, timing, FLOPs, scores."""

@@ -1,0 +1,2 @@
+"""What the engine's stages lean on: mid-fit checkpoints, per-job locks, Ctrl-C and SIGTERM, progress
+bars, files written atomically, nested state without pickle, and the environment a record names."""
