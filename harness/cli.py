@@ -12,122 +12,22 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
+from harness.engine.jobs import DEFAULT_DATASET
 from harness.errors import HarnessError, UsageError
-
-DEFAULT_DATASET = "synthetic"
 
 
 def _split(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
-def _ints(value: str, option: str) -> list[int]:
-    try:
-        return [int(v) for v in _split(value)]
-    except ValueError:
-        raise UsageError(f"{option} takes comma-separated integers, e.g. {option} 0,1,2; got {value!r}") from None
-
-
-def _parse_sets(items: Sequence[str]) -> dict[str, str]:
-    """``--set KEY=VALUE`` items as ``{KEY: text}``; parsed later by each method's declared types."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set epochs=5 (or METHOD.KEY=VALUE)")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
-
-
-def _eval_batch_size(text: str | None) -> str | None:
-    """``--eval-batch-size``: None, ``auto`` or a positive integer (as text)."""
-    if text is None or text == "auto":
-        return text
-    return str(_positive_int(text, "--eval-batch-size"))
-
-
-def _method_overrides(registry: Any, methods: Sequence[str], texts: Mapping[str, str], precision: str | None,
-                      explicit: bool) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Typed overrides per method from ``--set`` (``KEY`` or ``METHOD.KEY``) and ``--precision``.
-
-    A ``KEY`` applies to every method that declares it and must be declared by at least one; with
-    methods named explicitly, by each of them. Returns the overrides and notes to print.
-    """
-    notes: list[str] = []
-    per_method: dict[str, dict[str, str]] = {m: {} for m in methods}
-    for key, text in texts.items():
-        target, _, name = key.rpartition(".")
-        if target:
-            if target not in per_method:
-                raise UsageError(f"--set {key}={text}: {target!r} is not one of the methods of this run "
-                                 f"({', '.join(methods)})")
-            per_method[target][name] = text
-            continue
-        having = [m for m in methods if key in registry.method(m).schema]
-        if not having or (explicit and len(having) < len(methods)):
-            lacking = [m for m in methods if m not in having]
-            schema = registry.method(lacking[0]).schema
-            raise UsageError(f"--set {key}: not a setting of {', '.join(lacking)}; settings of {lacking[0]}: "
-                             f"{', '.join(schema.names)} (use METHOD.KEY=VALUE for one method)")
-        for m in having:
-            per_method[m][key] = text
-        if len(having) < len(methods):
-            notes.append(f"note: --set {key} applies to {', '.join(having)} only (the others have no such setting)")
-    if precision:
-        for m in methods:
-            if "precision" in registry.method(m).schema:
-                per_method[m].setdefault("precision", precision)
-            else:
-                notes.append(f"note: {m} declares no precision setting; it runs as it is (fp32)")
-    typed = {}
-    for m, values in per_method.items():
-        try:
-            typed[m] = registry.method(m).schema.parse_overrides(values)
-        except UsageError as exc:
-            raise UsageError(f"method {m!r}: {exc}") from None
-    return typed, notes
-
-
-def _run_data_options(items: Sequence[str], datasets: Sequence[str]) -> dict[str, str]:
-    """``--data-option KEY=VALUE`` pairs of a run; each key must be an option of one of its datasets."""
-    from harness.data import parse_data_options
-    from harness.engine.registry import load_registry
-
-    options = parse_data_options(items)
-    if options:
-        registry = load_registry()
-        declared = {k for d in datasets for k in registry.dataset(d).options}
-        unknown = [k for k in options if k not in declared]
-        if unknown:
-            raise UsageError(f"--data-option {', '.join(unknown)}: no dataset of this run takes it "
-                             f"(their options: {', '.join(sorted(declared)) or 'none'})")
-    return options
-
-
-def _data_roots(items: Sequence[str], datasets: Sequence[str]) -> dict[str, Path]:
-    roots: dict[str, Path] = {}
-    for item in items:
-        if "=" in item and not Path(item).exists():
-            name, path = item.split("=", 1)
-            roots[name] = Path(path)
-        elif len(datasets) == 1:
-            roots[datasets[0]] = Path(item)
-        else:
-            raise UsageError(f"--data-root {item}: with several datasets, give NAME=PATH for each, "
-                             f"e.g. --data-root mvtec=/data/mvtec --data-root visa=/data/visa")
-    return roots
-
-
 # -- commands -------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    """``harness run``: plan every job, check it, run it, print the failures and the leaderboard."""
-    from harness.engine.jobs import expand_jobs
-    from harness.engine.options import RunOptions
-    from harness.engine.planning import Planner, resolve_profile
+    """``harness run``: plan every job (:mod:`harness.engine.request`), check it, run it, print the outcome."""
     from harness.engine.preflight import PreflightError, run_preflight
     from harness.engine.registry import load_registry
+    from harness.engine.request import RunRequest, plan_request
     from harness.engine.runner import run_plan
 
     if args.tracker:
@@ -138,60 +38,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     registry = load_registry()
     for problem in registry.problems:
         print(f"warning: {problem}", file=sys.stderr)
-    datasets = _split(args.datasets) or [DEFAULT_DATASET]
-    for name in datasets:
-        registry.dataset(name)
-    explicit = args.methods.strip() != "all"
-    if not explicit:
-        methods = [n for n, p in registry.methods.items() if args.protocol in p.spec.protocols]
-        for name in (n for n, p in registry.methods.items() if args.protocol not in p.spec.protocols):
-            print(f"note: {name} does not support the {args.protocol} protocol; skipped", file=sys.stderr)
-    else:
-        methods = _split(args.methods)
-        for name in methods:
-            spec = registry.method(name)
-            if args.protocol not in spec.protocols:
-                raise UsageError(f"method {name!r} does not support --protocol {args.protocol} "
-                                 f"(it supports {', '.join(spec.protocols)})")
-    if not methods:
-        raise UsageError("no method to run: none of the installed methods supports this protocol")
-    shots = _ints(args.shots, "--shots") if args.protocol == "fewshot" else None
-    if args.protocol == "fewshot" and not shots:
-        raise UsageError("--protocol fewshot needs --shots, e.g. --shots 1,2,4")
-    if shots and any(k < 0 for k in shots):
-        raise UsageError(f"--shots {args.shots}: shots cannot be negative")
-    seeds = _ints(args.seeds, "--seeds")
-    if not seeds:
-        raise UsageError("--seeds needs at least one seed, e.g. --seeds 0")
-    profiles = {(m, d): resolve_profile(registry.method(m), args.profile, registry.dataset(d))
-                for m in methods for d in datasets}
-    overrides, notes = _method_overrides(registry, methods, _parse_sets(args.set), args.precision, explicit)
-    for note in notes:
+    run = plan_request(registry, RunRequest.from_namespace(args))
+    for note in run.notes:
         print(note, file=sys.stderr)
-    jobs = expand_jobs(methods, datasets, args.protocol, shots, seeds, {**{d: "" for d in datasets}, **profiles},
-                       dev_run=args.fast_dev_run, weights=args.weights, method_overrides=overrides,
-                       eval_grid=args.eval_grid)
-    eval_size = None if args.eval_size == "native" else _positive_int(args.eval_size or "256", "--eval-size")
-    options = RunOptions(
-        results_dir=Path(args.results_dir), cache_dir=Path(args.cache_dir), device=args.device, eval_size=eval_size,
-        eval_size_source="option" if args.eval_size else "default", eval_grid=args.eval_grid,
-        data_roots=_data_roots(args.data_root, datasets), data_options=_run_data_options(args.data_option, datasets),
-        force=args.force, fit_cache=not args.no_fit_cache,
-        weights_dir=Path(args.weights_dir) if args.weights_dir else None, progress=False if args.no_progress else None,
-        fast_dev_run=args.fast_dev_run, weights=args.weights, checkpoint_interval=args.checkpoint_interval,
-        executor=args.executor, save_maps=args.save_maps, job_gpus=args.job_gpus, job_cpus=args.job_cpus,
-        ray_address=args.address, retries=args.retries, precision_mode=args.precision_mode, tf32=args.tf32,
-        compile=args.compile, eval_batch_size=_eval_batch_size(args.eval_batch_size),
-    )
-    if args.executor == "inprocess":
-        # A CUDA request on a machine without CUDA is a usage error, found now; on a cluster the
-        # workers, not this driver, have the GPUs.
-        options.torch_device()
-    executor_spec = registry.executor(args.executor)
-    plan = Planner(registry, options).plan(jobs)
-    report = run_preflight(plan, check_images=not args.skip_data_check, probe_folders=not args.dry_run)
+    report = run_preflight(run.plan, check_images=not args.skip_data_check, probe_folders=not args.dry_run)
     if args.dry_run:
-        print(plan.describe())
+        print(run.plan.describe())
         print(report.describe())
         return 2 if report.problems else 0
     if report.problems:
@@ -199,36 +51,28 @@ def cmd_run(args: argparse.Namespace) -> int:
                              + "\n".join(f"  - {p}" for p in report.problems))
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
-    executor = executor_spec.factory(options)
-    where = options.torch_device() if args.executor == "inprocess" else f"--device {args.device}"
-    print(f"running {len(jobs)} job(s) on {where} ({args.executor}); records in "
-          f"{options.results_dir / 'records'}", file=sys.stderr)
-    summary = run_plan(registry, plan, executor)
+    where = run.options.torch_device() if args.executor == "inprocess" else f"--device {args.device}"
+    print(f"running {len(run.jobs)} job(s) on {where} ({args.executor}); records in "
+          f"{run.options.results_dir / 'records'}", file=sys.stderr)
+    summary = run_plan(registry, run.plan, registry.executor(args.executor).factory(run.options))
     for problem in registry.problems:
         if problem.kind == "reporter":
             print(f"warning: {problem}", file=sys.stderr)
     if not args.no_leaderboard:
-        from harness.results.leaderboard import build_leaderboard
-
-        groups = {(j.dataset, j.protocol) for j in jobs}
-        from harness.results.reported import default_reported_dir
-
-        text = build_leaderboard(options.results_dir, reported_dir=default_reported_dir(), fmt="markdown",
-                                 per_category=args.per_category, groups=groups, metrics=registry.metric_specs(),
-                                 warn=lambda line: print(line, file=sys.stderr))
-        print(text)
+        _print_leaderboard(registry, run, args.per_category)
     print(summary.describe(), file=sys.stderr)
     return summary.exit_code
 
 
-def _positive_int(text: str, option: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise UsageError(f"{option} takes a positive integer or 'native', got {text!r}") from None
-    if value < 1:
-        raise UsageError(f"{option} takes a positive integer or 'native', got {text!r}")
-    return value
+def _print_leaderboard(registry: Any, run: Any, per_category: bool) -> None:
+    """The tables of the run's (dataset, protocol) groups, the papers' numbers beside them."""
+    from harness.results.leaderboard import build_leaderboard
+    from harness.results.reported import default_reported_dir
+
+    groups = {(j.dataset, j.protocol) for j in run.jobs}
+    print(build_leaderboard(run.options.results_dir, reported_dir=default_reported_dir(), fmt="markdown",
+                            per_category=per_category, groups=groups, metrics=registry.metric_specs(),
+                            warn=lambda line: print(line, file=sys.stderr)))
 
 
 def cmd_list(args: argparse.Namespace) -> int:

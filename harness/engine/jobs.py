@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+#: The dataset of a run that names none: the embedded synthetic set (offline, seconds).
+DEFAULT_DATASET = "synthetic"
+
 
 @dataclass(frozen=True)
 class Job:

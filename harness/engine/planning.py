@@ -163,6 +163,13 @@ class Plan:
         return "\n".join(lines)
 
 
+def check_protocol(spec: MethodSpec, protocol: str) -> None:
+    """A usage error unless method ``spec`` supports ``protocol``."""
+    if protocol not in spec.protocols:
+        raise UsageError(f"method {spec.name!r} does not support --protocol {protocol} "
+                         f"(it supports {', '.join(spec.protocols)})")
+
+
 def resolve_profile(spec: MethodSpec, profile: str, dataset: DatasetSpec) -> str:
     """The profile name a job uses: ``auto`` means the dataset's ``default_profile``.
 
@@ -291,9 +298,7 @@ class Planner:
         """Resolve and validate one job (see the module docstring)."""
         spec = self.registry.method(job.method)
         dataset = self.registry.dataset(job.dataset)
-        if job.protocol not in spec.protocols:
-            raise UsageError(f"method {job.method!r} does not support --protocol {job.protocol} "
-                             f"(it supports {', '.join(spec.protocols)})")
+        check_protocol(spec, job.protocol)
         settings = resolve_settings(spec, job.profile, dict(job.overrides))
         index = self.index(job.dataset)
         units = plan_fit_units(index, job.protocol, job.shots, job.seed)

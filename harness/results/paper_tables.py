@@ -31,7 +31,8 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 
 from harness.errors import UsageError
-from harness.results.leaderboard import STANDARD_COLUMNS, Columns, _normalise_format, _Style, tidy_table
+from harness.results.leaderboard import _normalise_format, _Style
+from harness.results.tables import STANDARD_COLUMNS, Columns, tidy_table
 from harness.results.reported import load_reported, method_label
 from harness.specs import MetricSpec
 
