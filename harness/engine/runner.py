@@ -32,19 +32,18 @@ import torch
 from harness.engine.inference.acceleration import apply_tf32, library_versions, precision_mode, prepare_inference, tf32_flags
 from harness.data import ImageCache
 from harness.engine.support.environment import environment, seed_everything
-from harness.errors import HarnessError
 from harness.engine.inference.evaluation import Evaluator, MapSink, check_prediction, native_size, resize_map
 from harness.engine.fitting import fit_unit
 from harness.engine.inference.flops import limit_share
-from harness.engine.support.fsutil import StorageError, move_aside
+from harness.engine.support.fsutil import StorageError
 from harness.engine.jobs import Job
-from harness.engine.support.locks import JobLock
+from harness.engine.lifecycle import JobLifecycle
 from harness.engine.options import RunOptions
 from harness.engine.outcomes import JobOutcome, RunSummary
 from harness.engine.planning import Plan, PlannedJob, Planner, resolve_settings
 from harness.engine.support.progress import Progress
 from harness.engine.recording import add_failure, add_fit, finish_record, start_record
-from harness.results.records import DamagedRecordError, Record, load_record, write_record
+from harness.results.records import Record
 from harness.engine.registry import Registry
 from harness.engine.support.signals import RunInterrupted, handle_stop_signals
 from harness.engine.weights import WeightsResolver
@@ -88,6 +87,7 @@ class JobRunner:
             sinks = saved_maps_sinks(options)
         self.sinks = sinks
         self._env: dict[str, Any] | None = None
+        self.lifecycle = JobLifecycle(registry, options, self.notify)
 
     @property
     def device(self):
@@ -101,41 +101,29 @@ class JobRunner:
         self.progress.write(message)
 
     def existing(self, planned: PlannedJob) -> Record | None:
-        """The job's ``ok`` record, if one exists (a damaged one is moved aside, and None returned)."""
-        path = planned.record_path
-        if not path.exists():
-            return None
-        try:
-            record = load_record(path)
-        except DamagedRecordError as exc:
-            moved = move_aside(path)
-            self.notify(f"warning: {exc}; moved it to {moved} and redoing the job")
-            return None
-        return record if record.ok else None
+        """The job's ``ok`` record, if one exists (:meth:`JobLifecycle.finished_record`)."""
+        return self.lifecycle.finished_record(planned)
 
     def run_job(self, planned: PlannedJob) -> JobOutcome:
-        """Run one job (or skip it when an ``ok`` record exists) and write its record."""
-        job, path = planned.job, planned.record_path
-        if not self.options.force and (done := self.existing(planned)) is not None:
-            return JobOutcome(job, "skipped", path, done.to_dict())
-        lock = JobLock(job.lock_path(self.options.results_dir))
-        lock.acquire(on_wait=lambda owner: self.notify(
-            f"{job.label} is running in another process ({(owner or {}).get('host', '?')}, pid "
-            f"{(owner or {}).get('pid', '?')}); waiting for it"), timeout=self.options.lock_timeout)
+        """Run one job here through its lifecycle (:mod:`harness.engine.lifecycle`): skip, lock, run, write."""
+        if (skipped := self.lifecycle.skip(planned)) is not None:
+            return skipped
+        lock = self.lifecycle.wait_for_lock(planned)
         try:
             if not lock.held:
-                raise HarnessError(f"{job.label}: still locked by another run after {self.options.lock_timeout} s "
-                                   f"({lock.path}); remove the lock file if that run is gone")
+                return self.lifecycle.lock_timed_out(planned, lock)
             # Another run may have finished the job while this one waited for the lock.
-            if not self.options.force and (done := self.existing(planned)) is not None:
-                return JobOutcome(job, "skipped", path, done.to_dict())
-            return self._run_locked(planned)
+            if (skipped := self.lifecycle.skip(planned)) is not None:
+                return skipped
+            self.lifecycle.started(planned)
+            record, message = self.run_locked(planned)
+            return self.lifecycle.finish(planned, record, message)
         finally:
             lock.release()
 
-    def _run_locked(self, planned: PlannedJob) -> JobOutcome:
-        job, path = planned.job, planned.record_path
-        self.registry.call_reporters("harness_job_started", job=job)
+    def run_locked(self, planned: PlannedJob) -> tuple[Record, str]:
+        """The job's work, under its lock: its record (not yet written) and the failure message, if any."""
+        job = planned.job
         if self._env is None:
             self._env = environment(self.device)
         apply_tf32(self.options.tf32)
@@ -153,10 +141,7 @@ class JobRunner:
             message = add_failure(record, failure.phase, failure.error)
         mad = tuple(m.name for m in self.registry.metric_specs(job.dataset) if m.in_mad)
         finish_record(record, weights.used, mad or None)
-        write_record(path, record)
-        data = record.to_dict()
-        self.registry.call_reporters("harness_job_finished", job=job, record=data)
-        return JobOutcome(job, record.status, path, data, message)
+        return record, message
 
     def _batch_size(self, evaluator: Evaluator, method: Any, tests: dict[str, Any]) -> dict[str, Any]:
         """Apply ``--eval-batch-size`` to ``method``; the record's ``eval_batch_size`` and its source."""
