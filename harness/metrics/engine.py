@@ -37,7 +37,6 @@ import shutil
 import tempfile
 import warnings
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,6 +44,8 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
+from harness.metrics.runs import (REGION_BITS, REGION_MASK, SpilledRun, count_at_least_and_above, joined,
+                                  orderable_bits, scores_from_bits, sorted_in_parts, walk_descending)
 from harness.metrics.exact import (AUPRO_FPR_LIMIT, UndefinedMetricWarning, ap_from_curve, auroc_from_curve,
                                    binary_curve, f1max_from_curve)
 
@@ -52,14 +53,9 @@ from harness.metrics.exact import (AUPRO_FPR_LIMIT, UndefinedMetricWarning, ap_f
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 # Dtypes whose every value a float32 holds exactly.
 _FLOAT32_EXACT = {np.dtype(t) for t in (np.float32, np.float16, np.bool_, np.uint8, np.int8, np.uint16, np.int16)}
-_REGION_BITS = 32
-_REGION_MASK = (1 << _REGION_BITS) - 1
 # Defect-free scores are sorted in runs of at least this many values (64 MiB of float32): a
 # stream of small batches costs one extra copy of at most a run, and a few binary searches.
 _RUN_SIZE = 1 << 24
-# Sorting threads, and the smallest part worth a thread of its own.
-_SORT_THREADS = min(4, os.cpu_count() or 1)
-_MIN_PART = 1 << 21
 
 
 #: Megabytes of sorted defect-free scores an accumulator keeps in memory before it spills them to disk.
@@ -85,57 +81,6 @@ def metric_memory_budget() -> int | None:
 def _undefined(what: str) -> float:
     warnings.warn(what, UndefinedMetricWarning, stacklevel=4)
     return float("nan")
-
-
-def _orderable_bits(scores: np.ndarray) -> np.ndarray:
-    """Map float32 scores to int64 values in [-2**31, 2**31) with the same order.
-
-    Non-negative floats already order like their bits read as int32; negative ones order
-    backwards, so their magnitude bits are flipped. ``-0.0`` must be turned into ``+0.0`` first.
-    """
-    s = scores.view(np.int32).astype(np.int64)
-    s ^= (s >> 31) & 0x7FFFFFFF
-    return s
-
-
-def _scores_from_bits(bits: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`_orderable_bits` (the map is its own inverse)."""
-    s = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return s.astype(np.int32).view(np.float32)
-
-
-@dataclass(frozen=True)
-class SpilledRun:
-    """A sorted run of defect-free scores moved to disk (see :meth:`MetricAccumulator._spill`)."""
-
-    path: Path
-    dtype: np.dtype
-    size: int
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes on disk."""
-        return self.size * self.dtype.itemsize
-
-    @classmethod
-    def write(cls, run: np.ndarray, path: Path) -> "SpilledRun":
-        """Write ``run`` to ``path`` (raw, native byte order)."""
-        try:
-            run.tofile(path)
-        except OSError as exc:
-            raise OSError(f"cannot spill metric data to {path}: {exc}. Point $HARNESS_METRIC_SPILL_DIR at a folder "
-                          "with free space, or raise $HARNESS_METRIC_MEMORY_MB") from exc
-        return cls(Path(path), np.dtype(run.dtype), int(run.size))
-
-    def open(self) -> np.ndarray:
-        """The run as a read-only memory map (unmapped when the last reference goes)."""
-        if self.size == 0:
-            return np.zeros(0, dtype=self.dtype)
-        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.size,))
-
-    def read(self) -> np.ndarray:
-        """The run in memory."""
-        return np.fromfile(self.path, dtype=self.dtype, count=self.size)
 
 
 @dataclass(frozen=True)
@@ -351,8 +296,8 @@ class MetricAccumulator:
     def _widen(self) -> None:
         """Switch the store to float64 (lossless for what is already stored)."""
         if self._pos_key is not None:
-            self._pos_scores.insert(0, _scores_from_bits(self._pos_key >> _REGION_BITS))
-            self._pos_regions.insert(0, self._pos_key & _REGION_MASK)
+            self._pos_scores.insert(0, scores_from_bits(self._pos_key >> REGION_BITS))
+            self._pos_regions.insert(0, self._pos_key & REGION_MASK)
             self._pos_key = None
         self._dtype = np.dtype(np.float64)
         self._neg_runs = [(a.read() if isinstance(a, SpilledRun) else a).astype(np.float64) for a in self._neg_runs]
@@ -459,10 +404,10 @@ class MetricAccumulator:
         """Join the pending batches into one sorted run (bounded extra memory: one run)."""
         if not self._neg_pending:
             return
-        run = _joined(self._neg_pending, self._dtype)
+        run = joined(self._neg_pending, self._dtype)
         if run.base is not None or not run.flags.writeable:
             run = run.copy()  # a view of the caller's array: never sort it in place
-        self._neg_runs.extend(_sorted_in_parts(run))
+        self._neg_runs.extend(sorted_in_parts(run))
         self._neg_pending = []
         self._pending_size = 0
         self._spill()
@@ -519,13 +464,13 @@ class MetricAccumulator:
             return PixelCurves(np.zeros(0, self._dtype), empty, empty, empty, np.zeros(0), 0, n_neg, 0)
         sizes = np.concatenate(self._region_sizes).astype(np.float64)
         weight = 1.0 / (sizes * self._n_regions)  # PRO gained per pixel of each region
-        if self._dtype == np.float32 and self._n_regions < _REGION_MASK:
+        if self._dtype == np.float32 and self._n_regions < REGION_MASK:
             key = self._packed_positives()
-            thresholds, tps, pro = _walk_descending(key, weight)
+            thresholds, tps, pro = walk_descending(key, weight)
             n_pos = int(key.size)
         else:
-            scores = _joined(list(self._pos_scores), self._dtype)
-            regions = _joined(list(self._pos_regions), np.int64)
+            scores = joined(list(self._pos_scores), self._dtype)
+            regions = joined(list(self._pos_regions), np.int64)
             order = np.argsort(scores, kind="stable")[::-1]
             scores, regions = scores[order], regions[order]
             # The last pixel of every run of equal scores completes that threshold's counts.
@@ -537,7 +482,7 @@ class MetricAccumulator:
         for run in self._neg_runs:
             # A spilled run is mapped only while it is searched: its pages leave the process after.
             values = run.open() if isinstance(run, SpilledRun) else run
-            ge, gt = _count_at_least_and_above(values, thresholds)
+            ge, gt = count_at_least_and_above(values, thresholds)
             del values
             at_least += ge
             above += gt
@@ -547,16 +492,16 @@ class MetricAccumulator:
         """All defect pixels as one sorted int64 key each (score bits above region id); kept for reuse."""
         parts = [] if self._pos_key is None else [self._pos_key]
         if self._pos_scores:
-            scores = _joined(self._pos_scores, np.float32)
-            regions = _joined(self._pos_regions, np.int64)
-            key = _orderable_bits(scores + np.float32(0.0))  # + 0: -0.0 becomes +0.0, one threshold with it
+            scores = joined(self._pos_scores, np.float32)
+            regions = joined(self._pos_regions, np.int64)
+            key = orderable_bits(scores + np.float32(0.0))  # + 0: -0.0 becomes +0.0, one threshold with it
             del scores
-            key <<= _REGION_BITS
+            key <<= REGION_BITS
             key |= regions
             del regions
             parts.append(key)
             self._pos_scores, self._pos_regions = [], []
-        key = _joined(parts, np.int64)
+        key = joined(parts, np.int64)
         key.sort()
         self._pos_key = key
         return key
@@ -596,87 +541,6 @@ def _labelled(fn, curve, level: str) -> float:
     for w in caught:
         warnings.warn(f"{level} {w.message}", w.category, stacklevel=3)
     return value
-
-
-def _sorted_in_parts(run: np.ndarray) -> list[np.ndarray]:
-    """Sort ``run`` in place as a few independently sorted parts, in parallel threads.
-
-    Counts over sorted parts add up, so the parts never need merging; NumPy's sort releases the
-    GIL, so on a machine with idle cores the sort (the engine's main cost) takes a fraction of
-    the time.
-    """
-    workers = min(_SORT_THREADS, max(1, run.size // _MIN_PART))
-    if workers <= 1:
-        run.sort()
-        return [run]
-    parts = np.array_split(run, workers)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(np.ndarray.sort, parts))
-    return parts
-
-
-def _count_at_least_and_above(run: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """How many values of the ascending ``run`` are ``>=`` / ``>`` each of the decreasing ``thresholds``."""
-    ascending = thresholds[::-1]  # increasing queries let the binary search start where the last one ended
-    left = np.searchsorted(run, ascending, side="left")
-    right = left.copy()
-    # Only thresholds that some value equals need the second search (few, unless scores are coarse).
-    tied = np.flatnonzero(run[np.minimum(left, run.size - 1)] == ascending) if run.size else np.zeros(0, int)
-    if tied.size:
-        right[tied] = np.searchsorted(run, ascending[tied], side="right")
-    np.subtract(run.size, left, out=left)
-    np.subtract(run.size, right, out=right)
-    return left[::-1], right[::-1]
-
-
-def _joined(chunks: list[np.ndarray], dtype) -> np.ndarray:
-    if not chunks:
-        return np.zeros(0, dtype=dtype)
-    if len(chunks) == 1:
-        return chunks[0].astype(dtype, copy=False)
-    out = np.empty(sum(c.size for c in chunks), dtype=dtype)
-    at = 0
-    while chunks:
-        # Free each chunk as soon as it is copied, so the peak stays near one copy.
-        chunk = chunks.pop(0)
-        out[at:at + chunk.size] = chunk
-        at += chunk.size
-    return out
-
-
-def _walk_descending(key: np.ndarray, weight: np.ndarray, block: int = 1 << 18):
-    """Thresholds, TP counts and PRO of sorted packed keys, walked from the top in blocks.
-
-    Working in blocks keeps the temporaries at a block's size, however many defect pixels there are.
-
-    Returns
-    -------
-    thresholds : float32 array, decreasing
-    tps : int64 array
-    pro : float64 array
-    """
-    thresholds, tps, pro = [], [], []
-    carry = 0.0
-    done = 0
-    end = key.size
-    while end > 0:
-        start = max(0, end - block)
-        part = key[start:end][::-1]
-        bits = part >> _REGION_BITS
-        gained = np.cumsum(weight[part & _REGION_MASK])
-        gained += carry
-        carry = float(gained[-1])
-        # A pixel closes its tie group when the next one (in decreasing order) scores lower.
-        next_bits = key[start - 1] >> _REGION_BITS if start > 0 else None
-        ends = np.flatnonzero(bits[1:] != bits[:-1])
-        if next_bits is None or next_bits != bits[-1]:
-            ends = np.r_[ends, bits.size - 1]
-        thresholds.append(_scores_from_bits(bits[ends]))
-        tps.append(ends + done + 1)
-        pro.append(gained[ends])
-        done += part.size
-        end = start
-    return np.concatenate(thresholds), np.concatenate(tps).astype(np.int64), np.concatenate(pro)
 
 
 def _as_maps(arrays: Any, name: str):
