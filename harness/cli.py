@@ -110,31 +110,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe_method(spec: Any, profile: str) -> dict[str, Any]:
-    """Everything ``harness describe`` shows, as JSON-ready data (networks built on the meta device)."""
-    import torch
+def describe_method(spec: Any, profile: str, use_cache: bool = True) -> dict[str, Any]:
+    """Everything ``harness describe`` shows (:func:`harness.engine.describe.describe_method`)."""
+    from harness.engine.describe import describe_method as describe
 
-    from harness.engine.planning import resolve_settings
-    from harness.settings import describe_settings, open_choices
-
-    settings = resolve_settings(spec, profile, {})
-    # Building on the meta device allocates nothing: the paper-size networks describe in a second.
-    with torch.device("meta"):
-        method = spec.factory(settings)
-    networks = method.parameter_count()
-    return {
-        "name": spec.name, "paper": vars(spec.paper), "protocols": list(spec.protocols),
-        "paper_protocol": spec.paper_protocol or None, "profiles": list(spec.profiles), "profile": profile,
-        "settings": settings.as_json(), "settings_table": describe_settings(spec.schema, settings),
-        "settings_help": {s.name: s.help for s in spec.schema}, "choices": open_choices(spec.schema, settings),
-        "typed_settings": not spec.schema.inferred, "resources": spec.resources_for(profile).as_dict(),
-        "weights": [f.as_dict() for f in spec.weight_files(settings)],
-        "data_needs": [n.as_dict() for n in spec.needs(settings)], "input_size": list(method.input_size),
-        "eval_batch_size": method.eval_batch_size, "interpolation": method.interpolation,
-        "antialias": method.antialias, "resize_mode": method.resize_mode,
-        "networks": networks, "total_parameters": sum(networks.values()), "description": spec.description,
-        "paper_grid": spec.paper_grid(settings).as_dict() if spec.paper_grid is not None else None,
-    }
+    return describe(spec, profile, use_cache)
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
@@ -143,7 +123,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
     spec = load_registry().method(args.method)
     profile = args.profile or ("paper" if "paper" in spec.profiles else next(iter(spec.profiles)))
-    info = describe_method(spec, profile)
+    info = describe_method(spec, profile, use_cache=not args.no_cache)
     if args.format == "json":
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -486,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     desc.add_argument("method")
     desc.add_argument("--profile", default=None)
     desc.add_argument("--format", default="text", choices=["text", "json"])
+    desc.add_argument("--no-cache", action="store_true",
+                      help="build the networks (meta device) to count parameters even when the counts for the same "
+                           "settings, code and libraries are cached")
     desc.set_defaults(func=cmd_describe)
 
     board = sub.add_parser("leaderboard", help="tables from the records under the results folder")

@@ -15,6 +15,24 @@ from harness.engine.registry import load_registry  # noqa: E402
 from harness.engine.runner import RunOptions  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_home(tmp_path_factory):
+    """The user's cache folder (``describe``'s parameter counts) is a fresh one for this test session.
+
+    Set in the environment, so that the harness started in a subprocess uses it too: no test reads
+    what an earlier session, or the user, left there.
+    """
+    import os
+
+    before = os.environ.get("HARNESS_CACHE_HOME")
+    os.environ["HARNESS_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache-home"))
+    yield Path(os.environ["HARNESS_CACHE_HOME"])
+    if before is None:
+        os.environ.pop("HARNESS_CACHE_HOME", None)
+    else:
+        os.environ["HARNESS_CACHE_HOME"] = before
+
+
 @pytest.fixture
 def toy_registry():
     """The built-in metrics plus the toy dataset and methods, without installed entry points."""
