@@ -18,7 +18,9 @@ One implementation of each:
 - :mod:`harness.toolkit.sd15` — Stable Diffusion v1.5 network configurations (diffusers);
 - :mod:`harness.toolkit.precision` — autocast and gradient scaling for ``--precision``;
 - :mod:`harness.toolkit.noise` — inference noise drawn per image (batch-invariant predictions);
-- :mod:`harness.toolkit.weightfiles` — the pinned weight file of any timm backbone.
+- :mod:`harness.toolkit.weightfiles` — the pinned weight file of any timm backbone;
+- :mod:`harness.toolkit.training` — the training loop: checkpointed batches resumed where a fit
+  stopped, one optimiser step (precision, accumulation, clipping), the fast-dev stop.
 
 Nothing here is imported by ``import harness``: each module loads its libraries when imported.
 """

@@ -45,9 +45,10 @@ from harness import FitContext, Method, Prediction, TrainSet
 from harness.toolkit.backbones import create_features, load_weights, recalibrate_batchnorm
 from harness.toolkit.ops import gaussian_blur, imagenet_normalize
 from harness.toolkit.precision import autocast, grad_scaler
+from harness.toolkit.training import optimiser_step, train_batches
 from harness.toolkit.scoring import pooled_max
 from harness_diad import weightfiles
-from harness_diad.model import DiAD, _cycles, _order, _seeded
+from harness_diad.model import DiAD, _order, _seeded
 from harness_diad.networks import freeze_unet_encoder, trained_unet_parts
 from harness_diad.schedule import NoiseSchedule
 from harness_diad.scoring import feature_distance_map
@@ -176,31 +177,22 @@ class DDPMBaseline(Method):
         last = float("nan")
         with context.checkpoint.stage("denoiser", unet=self.unet, dn_optimiser=opt, dn_scaler=scaler,
                                       dn_generator=gen) as position:
-            stop = False
-            for epoch in context.progress.epochs(epochs, desc="ddpm"):
-                if epoch < position.epoch or stop:
-                    continue
+            def epoch_batches(epoch: int, first: int):
                 order = _order(len(train), context.seed, 2, epoch)
-                for index in range(n_batches):
-                    if position.skip(epoch, index):
-                        continue
-                    x0 = self._batch(train, order[index * batch:(index + 1) * batch]) * 2 - 1
-                    noise = torch.randn(x0.shape, generator=gen, device=self.device)
-                    t = torch.randint(0, self.schedule.timesteps, (x0.shape[0],), generator=gen, device=self.device)
-                    with autocast(self.device, s.precision):
-                        eps = self.unet(self.schedule.add_noise(x0, noise, t), t).sample
-                        loss = F.mse_loss(eps.float(), noise)
-                    scaler.scale(loss / accumulate).backward()
-                    last = float(loss.detach())
-                    if _cycles(n_batches, accumulate, index):
-                        scaler.step(opt)
-                        scaler.update()
-                        opt.zero_grad(set_to_none=True)
-                        position.extra["final_loss"] = last
-                        position.step(epoch=epoch, batch=index + 1)
-                        if context.stop_early(position.steps):
-                            stop = True
-                            break
+                return ((index, order[index * batch:(index + 1) * batch]) for index in range(n_batches))
+
+            for step in train_batches(context, position, epochs, epoch_batches, accumulate=accumulate,
+                                      n_batches=lambda epoch: n_batches, desc="ddpm"):
+                x0 = self._batch(train, step.data) * 2 - 1
+                noise = torch.randn(x0.shape, generator=gen, device=self.device)
+                t = torch.randint(0, self.schedule.timesteps, (x0.shape[0],), generator=gen, device=self.device)
+                with autocast(self.device, s.precision):
+                    eps = self.unet(self.schedule.add_noise(x0, noise, t), t).sample
+                    loss = F.mse_loss(eps.float(), noise)
+                optimiser_step(loss, [opt], scaler, accumulate=accumulate, boundary=step.boundary)
+                last = float(loss.detach())
+                if step.boundary:
+                    position.extra["final_loss"] = last
             position.extra.update(steps=position.steps, final_loss=position.extra.get("final_loss", last))
         self.unet.requires_grad_(False)
         extra = position.extra

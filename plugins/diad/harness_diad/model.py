@@ -71,6 +71,7 @@ from harness.toolkit.backbones import create_features, load_weights, read_state,
 from harness.toolkit.ops import gaussian_blur, imagenet_normalize
 from harness.toolkit.noise import ImageNoise
 from harness.toolkit.precision import autocast, grad_scaler
+from harness.toolkit.training import cycle_ends, optimiser_step, train_batches
 from harness.toolkit.scoring import pooled_max
 from harness.toolkit.weightfiles import sha256_file
 from harness_diad import weightfiles
@@ -94,11 +95,6 @@ def _seeded(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
 def _order(n: int, seed: int, stage: int, epoch: int) -> np.ndarray:
     """The shuffled order of ``n`` images in ``epoch`` of ``stage``: a function of (seed, stage, epoch) only."""
     return np.random.default_rng([int(seed), int(stage), int(epoch)]).permutation(n)
-
-
-def _cycles(n_batches: int, accumulate: int, index: int) -> bool:
-    """Whether batch ``index`` ends an accumulation cycle (every ``accumulate`` batches and the epoch's last)."""
-    return (index + 1) % accumulate == 0 or index == n_batches - 1
 
 
 class DiAD(Method):
@@ -366,7 +362,7 @@ class DiAD(Method):
                             d_loss = s.ae_disc_factor * hinge_d_loss(disc(x.detach()), disc(x_hat.detach()))
                         scaler.scale(d_loss / accumulate).backward()
                     last = float(loss.detach())
-                    if _cycles(n_batches, accumulate, index):
+                    if cycle_ends(n_batches, accumulate, index):
                         scaler.step(opt)
                         if adversarial:
                             if not opt_d.state:
@@ -407,35 +403,27 @@ class DiAD(Method):
         with context.checkpoint.stage("denoiser", **self._denoiser_state(), vae=self.vae, dn_optimiser=opt,
                                       dn_scaler=scaler, dn_generator=gen) as position:
             moments = self._posterior_moments(train) if position.epoch < epochs and not position.done else None
-            stop = False
-            for epoch in context.progress.epochs(epochs, desc="diad denoiser"):
-                if epoch < position.epoch or stop:
-                    continue
+
+            def epoch_batches(epoch: int, first: int):
                 order = _order(len(train), context.seed, 2, epoch)
-                for index in range(n_batches):
-                    if position.skip(epoch, index):
-                        continue
-                    idx = order[index * batch:(index + 1) * batch]
-                    sel = torch.as_tensor(idx, device=self.device)
-                    mean, std = moments[0, sel], moments[1, sel]
-                    z = (mean + std * torch.randn(mean.shape, generator=gen, device=self.device)) * self.scaling_factor
-                    noise = torch.randn(z.shape, generator=gen, device=self.device)
-                    t = torch.randint(0, self.schedule.timesteps, (z.shape[0],), generator=gen, device=self.device)
-                    z_t = self.schedule.add_noise(z, noise, t)
-                    hint = self.to_pixels(self._batch(train, idx))
-                    with autocast(self.device, s.precision):
-                        loss = F.mse_loss(self.predict_noise(z_t, t, hint).float(), noise)
-                    scaler.scale(loss / accumulate).backward()
-                    last = float(loss.detach())
-                    if _cycles(n_batches, accumulate, index):
-                        scaler.step(opt)
-                        scaler.update()
-                        opt.zero_grad(set_to_none=True)
-                        position.extra["final_loss"] = last
-                        position.step(epoch=epoch, batch=index + 1)
-                        if context.stop_early(position.steps):
-                            stop = True
-                            break
+                return ((index, order[index * batch:(index + 1) * batch]) for index in range(n_batches))
+
+            for step in train_batches(context, position, epochs, epoch_batches, accumulate=accumulate,
+                                      n_batches=lambda epoch: n_batches, desc="diad denoiser"):
+                idx = step.data
+                sel = torch.as_tensor(idx, device=self.device)
+                mean, std = moments[0, sel], moments[1, sel]
+                z = (mean + std * torch.randn(mean.shape, generator=gen, device=self.device)) * self.scaling_factor
+                noise = torch.randn(z.shape, generator=gen, device=self.device)
+                t = torch.randint(0, self.schedule.timesteps, (z.shape[0],), generator=gen, device=self.device)
+                z_t = self.schedule.add_noise(z, noise, t)
+                hint = self.to_pixels(self._batch(train, idx))
+                with autocast(self.device, s.precision):
+                    loss = F.mse_loss(self.predict_noise(z_t, t, hint).float(), noise)
+                optimiser_step(loss, [opt], scaler, accumulate=accumulate, boundary=step.boundary)
+                last = float(loss.detach())
+                if step.boundary:
+                    position.extra["final_loss"] = last
             position.extra.update(steps=position.steps, final_loss=position.extra.get("final_loss", last))
         self.unet.requires_grad_(False)
         if self.sg is not None:

@@ -60,6 +60,7 @@ from harness import FitContext, Method, Prediction, TrainSet
 from harness.errors import HarnessError, HarnessWarning, WeightsNotFoundError
 from harness.toolkit.noise import ImageNoise
 from harness.toolkit.precision import autocast, grad_scaler
+from harness.toolkit.training import optimiser_step, train_batches
 from harness_diffusionad.networks import SegmentationSubNetwork, build_denoiser
 from harness_diffusionad.synthesis import (DTD_URL, AnomalyTrainingSet, EpochBatches, ForegroundMasks,
                                            SynthesisConfig, SynthesisSourceError, TextureSource)
@@ -318,12 +319,7 @@ class DiffusionAD(Method):
         focal = binary_focal_loss(pred, masks, s.focal_alpha, s.focal_gamma)
         smooth = F.smooth_l1_loss(pred, masks)
         loss = noise_loss + s.focal_weight * focal + s.smooth_l1_weight * smooth
-        for opt in optimisers:
-            opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        for opt in optimisers:
-            scaler.step(opt)
-        scaler.update()
+        optimiser_step(loss, optimisers, scaler)
         return {"loss": loss.item(), "noise": noise_loss.item(), "focal": focal.item(), "smooth_l1": smooth.item()}
 
     def _texture_source(self, context: FitContext) -> tuple[TextureSource, str]:
@@ -394,23 +390,20 @@ class DiffusionAD(Method):
         last: dict[str, float] = {}
         with context.checkpoint.stage("joint", denoiser=self.denoiser, segmenter=self.segmenter, opt_denoiser=opt_unet,
                                       opt_segmenter=opt_seg, scheduler=sched, scaler=scaler, noise=noise) as position:
+            def epoch_batches(epoch: int, first: int, loader=loader):
+                # The batch sampler starts the epoch at the first batch not yet consumed.
+                batches.epoch, batches.start = epoch, first
+                return enumerate(loader, start=first)
+
             try:
-                for epoch in context.progress.iterate(range(position.epoch, epochs), total=max(epochs - position.epoch, 0),
-                                                      desc="epochs", unit="epoch"):
-                    batches.epoch = epoch
-                    batches.start = position.batch if epoch == position.epoch else 0
-                    for index, (images, masks, labels) in enumerate(loader, start=batches.start):
-                        if position.skip(epoch, index):
-                            continue
-                        last = self.train_step(images.to(self.device), masks.to(self.device), labels.to(self.device),
-                                               (opt_unet, opt_seg), scaler, noise)
-                        if s.seg_cosine_tmax > 0:
-                            sched.step()
-                        position.step(epoch=epoch, batch=index + 1)
-                        if context.stop_early(position.steps):
-                            break
+                for step in train_batches(context, position, epochs, epoch_batches):
+                    images, masks, labels = step.data
+                    last = self.train_step(images.to(self.device), masks.to(self.device), labels.to(self.device),
+                                           (opt_unet, opt_seg), scaler, noise)
+                    if s.seg_cosine_tmax > 0:
+                        sched.step()
             finally:
-                del loader  # shuts persistent workers down
+                del epoch_batches, loader  # the last references: shuts persistent workers down
             if last:
                 position.extra["final_losses"] = {k: round(v, 5) for k, v in last.items()}
         self.eval()

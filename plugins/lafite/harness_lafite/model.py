@@ -47,6 +47,7 @@ from harness.toolkit.multiscale import MultiScaleFeatures, load_backbone_weights
 from harness.toolkit.noise import ImageNoise
 from harness.toolkit.precision import autocast, grad_scaler
 from harness.toolkit.pseudo_validation import make_pseudo_validation, split_holdout
+from harness.toolkit.training import optimiser_step, train_batches
 from harness_lafite.diffusion import build_noise_schedule, build_unet, diffusion_loss, reconstruct
 from harness_lafite.editing import WEIGHTINGS, coreset_bank, edit_features
 from harness_lafite.scoring import image_scores, reconstruction_maps
@@ -241,34 +242,27 @@ class LafitE(Method):
                 batch_size = min(s.train_batch_size, len(feats))
                 if context.fast_dev_run:
                     batch_size = min(batch_size, DEV_BATCH)
-                start, losses = time.perf_counter(), []
+                start, losses, epoch_losses = time.perf_counter(), [], []
                 self.unet.train()
-                for epoch in context.progress.iterate(range(position.epoch, epochs), total=epochs - position.epoch,
-                                                      desc="lafite diffusion", unit="epoch"):
+
+                def epoch_batches(epoch: int, first: int):
                     order = torch.from_numpy(np.random.default_rng([int(context.seed), epoch]).permutation(len(feats)))
-                    epoch_losses = []
-                    for index, begin in enumerate(range(0, len(feats), batch_size)):
-                        if position.skip(epoch, index):
-                            continue
-                        x0 = feats[order[begin:begin + batch_size].to(feats.device)].to(self.device)
-                        with autocast(self.device, s.precision):
-                            loss = diffusion_loss(self.unet, self.schedule, x0, noise)
-                        optimiser.zero_grad(set_to_none=True)
-                        scaler.scale(loss).backward()
-                        if s.grad_clip_norm > 0:
-                            scaler.unscale_(optimiser)
-                            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), s.grad_clip_norm)
-                        scaler.step(optimiser)
-                        scaler.update()
-                        epoch_losses.append(float(loss.detach()))
-                        position.step(epoch=epoch, batch=index + 1)
-                        if context.stop_early(position.steps):
-                            break
+                    return ((index, order[begin:begin + batch_size])
+                            for index, begin in enumerate(range(0, len(feats), batch_size)))
+
+                def epoch_end(epoch: int) -> None:
                     scheduler.step()
                     if epoch_losses:
                         losses.append(float(np.mean(epoch_losses)))
-                    if context.stop_early(position.steps):
-                        break
+                    epoch_losses.clear()
+
+                for step in train_batches(context, position, epochs, epoch_batches, desc="lafite diffusion",
+                                          on_epoch_end=epoch_end):
+                    x0 = feats[step.data.to(feats.device)].to(self.device)
+                    with autocast(self.device, s.precision):
+                        loss = diffusion_loss(self.unet, self.schedule, x0, noise)
+                    optimiser_step(loss, [optimiser], scaler, clip=(self.unet.parameters(), s.grad_clip_norm))
+                    epoch_losses.append(float(loss.detach()))
                 position.extra["info"] = {
                     "epochs": epochs, "train_batch_size": batch_size, "steps": position.steps,
                     "lr_drop_epoch": milestone,

@@ -37,6 +37,7 @@ from harness import FitContext, Method, Prediction, TrainSet
 from harness.toolkit.multiscale import MultiScaleFeatures, load_backbone_weights
 from harness.toolkit.precision import autocast, grad_scaler
 from harness.toolkit.scoring import pooled_max
+from harness.toolkit.training import optimiser_step, train_batches
 from harness_uniad.network import UniADReconstruction
 from harness_uniad.weightfiles import weight_files
 
@@ -158,35 +159,28 @@ class UniAD(Method):
             if not position.done:
                 feats = self._encode_all(train, context)
                 batch_size = min(int(s.train_batch_size), len(feats))
-                start, losses = time.perf_counter(), []
+                start, losses, epoch_losses = time.perf_counter(), [], []
                 net.train()
-                for epoch in context.progress.iterate(range(position.epoch, epochs), total=epochs - position.epoch,
-                                                      desc="uniad reconstruction", unit="epoch"):
+
+                def epoch_batches(epoch: int, first: int):
                     order = torch.from_numpy(np.random.default_rng([int(context.seed), epoch]).permutation(len(feats)))
-                    epoch_losses = []
-                    for index, begin in enumerate(range(0, len(feats), batch_size)):
-                        if position.skip(epoch, index):
-                            continue
-                        target = feats[order[begin:begin + batch_size]].to(self.device)
-                        with autocast(self.device, s.precision):
-                            rec = net.reconstruct(target, jitter)
-                        loss = F.mse_loss(rec.float(), target)
-                        optimiser.zero_grad(set_to_none=True)
-                        scaler.scale(loss).backward()
-                        if s.grad_clip_norm > 0:
-                            scaler.unscale_(optimiser)
-                            torch.nn.utils.clip_grad_norm_(net.parameters(), s.grad_clip_norm)
-                        scaler.step(optimiser)
-                        scaler.update()
-                        epoch_losses.append(float(loss.detach()))
-                        position.step(epoch=epoch, batch=index + 1)
-                        if context.stop_early(position.steps):
-                            break
+                    return ((index, order[begin:begin + batch_size])
+                            for index, begin in enumerate(range(0, len(feats), batch_size)))
+
+                def epoch_end(epoch: int) -> None:
                     scheduler.step()
                     if epoch_losses:
                         losses.append(float(np.mean(epoch_losses)))
-                    if context.stop_early(position.steps):
-                        break
+                    epoch_losses.clear()
+
+                for step in train_batches(context, position, epochs, epoch_batches, desc="uniad reconstruction",
+                                          on_epoch_end=epoch_end):
+                    target = feats[step.data].to(self.device)
+                    with autocast(self.device, s.precision):
+                        rec = net.reconstruct(target, jitter)
+                    loss = F.mse_loss(rec.float(), target)
+                    optimiser_step(loss, [optimiser], scaler, clip=(net.parameters(), s.grad_clip_norm))
+                    epoch_losses.append(float(loss.detach()))
                 position.extra["info"] = {
                     "epochs": epochs, "train_batch_size": batch_size, "steps": position.steps,
                     "feature_shape": list(feats.shape[1:]),
