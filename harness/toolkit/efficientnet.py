@@ -33,6 +33,22 @@ UNIAD_EFFICIENTNET_B4 = WeightFile(
     setting="backbone_weights_file",
 )
 
+def multiscale_backbone_files(settings) -> list[WeightFile]:
+    """The pinned ImageNet file of a UniAD-style feature extractor: UniAD's EfficientNet-b4 file for
+    ``tf_efficientnet_b4``, any other timm backbone's own file, none when ``backbone_pretrained`` is off.
+
+    UniAD and LafitE both declare their weights with it (``settings.backbone``,
+    ``settings.backbone_pretrained``).
+    """
+    from harness.toolkit.weightfiles import timm_backbone_file
+
+    if not settings.backbone_pretrained:
+        return []
+    if settings.backbone == "tf_efficientnet_b4":
+        return [UNIAD_EFFICIENTNET_B4]
+    return [timm_backbone_file(settings.backbone)]
+
+
 #: EfficientNet-PyTorch names inside a block -> timm names, for blocks with an expansion
 #: convolution (timm ``InvertedResidual``) and without one (timm ``DepthwiseSeparableConv``).
 _EXPANDED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
