@@ -1,7 +1,8 @@
 """A benchmarking harness for visual anomaly detection.
 
 The public API that plugins use is re-exported here: the contract (hook marker, specs, the
-method interface, data shapes, typed settings, errors). Building blocks that several methods
+method interface, data shapes, typed settings, errors, and the job key and typed record that
+reporters receive). Building blocks that several methods
 share live apart, in :mod:`harness.toolkit`, which plugins import by choice; metrics in
 :mod:`harness.metrics`; the conformance checks a third party runs in its own tests in
 :mod:`harness.testing`.
@@ -27,6 +28,9 @@ from harness.errors import (DatasetError, HarnessError, MethodOutputError, Weigh
 from harness.hookspecs import hookimpl  # noqa: E402
 from harness.method import FitContext, Method, Prediction  # noqa: E402
 from harness.settings import Setting, Settings, SettingsSchema  # noqa: E402
+from harness.engine.jobs import Job  # noqa: E402
+from harness.results.record_parts import Efficiency, Environment, ErrorInfo, RunInfo, WeightUse  # noqa: E402
+from harness.results.records import Record  # noqa: E402
 from harness.specs import (DataNeed, DatasetSpec, EvalGrid, ExecutorSpec, MethodSpec, MetricSpec, PaperRef,  # noqa: E402
                            Resources, WeightFile)
 
@@ -36,4 +40,6 @@ __all__ = [
     "MaskChannel",
     "CategoryData", "DatasetIndex", "TrainSet", "read_image", "read_mask", "DatasetError", "HarnessError",
     "MethodOutputError", "WeightsNotFoundError", "WeightsVerifyError",
+    # What reporters receive: the job's key and its typed record.
+    "Job", "Record", "RunInfo", "Efficiency", "Environment", "ErrorInfo", "WeightUse",
 ]

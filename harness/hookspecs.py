@@ -32,6 +32,7 @@ import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
     from harness.engine.jobs import Job
+    from harness.results.records import Record
     from harness.specs import DatasetSpec, ExecutorSpec, MethodSpec, MetricSpec
 
 PROJECT_NAME = "harness"
@@ -115,26 +116,29 @@ def harness_job_started(job: "Job") -> None:
 
 
 @hookspec
-def harness_job_finished(job: "Job", record: Mapping[str, Any]) -> None:
+def harness_job_finished(job: "Job", record: "Record") -> None:
     """Called after a job's record was written, whether the job succeeded or failed.
 
     Parameters
     ----------
     job : Job
         The job's key.
-    record : mapping
-        The record as written to disk (see :mod:`harness.results.records`): status, metrics per category,
-        efficiency figures, environment, error if any.
+    record : Record
+        The record as written to disk (see :mod:`harness.results.records`): status, metrics per
+        category, typed efficiency figures, run information, environment, error if any. Until
+        harness 0.3 this was the record's JSON dict; ``record["status"]`` and ``record.get("run")``
+        still give the JSON form, with a ``DeprecationWarning`` naming the attribute to read
+        instead (``record.status``, ``record.run``), and ``record.to_dict()`` gives all of it.
     """
 
 
 @hookspec
-def harness_run_finished(records: Sequence[Mapping[str, Any]], interrupted: bool) -> None:
+def harness_run_finished(records: Sequence["Record"], interrupted: bool) -> None:
     """Called once at the end of a run, also after Ctrl-C.
 
     Parameters
     ----------
-    records : sequence of mapping
+    records : sequence of Record
         The records of every job of this run that has one (finished now or earlier).
     interrupted : bool
         True when the run was stopped by the user before all jobs finished.

@@ -243,9 +243,9 @@ def test_runner_on_the_mvtec_fixture(trees, run_options):
     summary = Runner(registry, run_options).run(jobs)
     assert [o.status for o in summary.outcomes] == ["ok"], summary.describe()
     record = summary.outcomes[0].record
-    assert set(record["metrics"]) == {"bottle", "grid"}
-    assert record["method_info"]["n_train"] == 7
-    assert 0 <= record["metrics"]["grid"]["pixel_auroc"] <= 1
+    assert set(record.metrics) == {"bottle", "grid"}
+    assert record.method_info["n_train"] == 7
+    assert 0 <= record.metrics["grid"]["pixel_auroc"] <= 1
 
 
 @pytest.mark.parametrize("name, tree", [("mvtec", "mvtec"), ("mpdd", "mpdd"), ("visa", "visa_raw"),

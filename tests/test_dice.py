@@ -89,14 +89,14 @@ def test_a_run_on_the_bmad_fixture_records_dice_by_its_definition(tmp_path, run_
                                                  Job("meanimage", "toy", "multiclass", None, 0, "tiny")])
     assert summary.exit_code == 0, summary.describe()
     medical, toy = (o.record for o in summary.outcomes)
-    assert set(medical["metrics"]) == {"brainmri", "liverct", "resc"}
+    assert set(medical.metrics) == {"brainmri", "liverct", "resc"}
     saved: dict[str, list] = {}
     for m in iter_all_maps(summary.outcomes[0].record_path, medical):
         saved.setdefault(m.category, []).append(m)
-    for category, values in medical["metrics"].items():
+    for category, values in medical.metrics.items():
         maps = np.stack([m.amap for m in saved[category]])
         masks = np.stack([m.mask for m in saved[category]])
         assert masks.any()
         assert values["dice"] == pytest.approx(_by_sweep(maps, masks), abs=1e-9)
-    assert "dice" in medical["mean"] and "mad" in medical["mean"]
-    assert all("dice" not in values for values in toy["metrics"].values())
+    assert "dice" in medical.mean and "mad" in medical.mean
+    assert all("dice" not in values for values in toy.metrics.values())

@@ -77,7 +77,7 @@ def test_the_layout_is_the_official_one(exported_run):
             assert mask_file.is_file() == (sample.label == 1)
         with open(out / category / "image_scores.csv", newline="") as handle:
             assert len(list(csv.DictReader(handle))) == len(data.test)
-    assert record["artifacts"]["maps"]["n_all"] == sum(len(c.test) for c in index.categories.values())
+    assert record.artifacts["maps"]["n_all"] == sum(len(c.test) for c in index.categories.values())
     # Nothing in the saved-maps folders looks like a (damaged) record.
     assert scan_records(exported_run["tmp"] / "results").damaged == []
 
@@ -86,7 +86,7 @@ def test_harness_evaluate_scores_the_export_to_the_record(exported_run):
     out, record = exported_run["out"], exported_run["records"]["noisy"]
     evaluation = evaluate_maps(out, load_toy(), eval_size=EVAL_SIZE)
     assert len(evaluation.score_files) == 2
-    for category, values in record["metrics"].items():
+    for category, values in record.metrics.items():
         assert 0.3 < values["pixel_aupro"] < 0.999  # the noise makes every metric informative
         for metric in STANDARD:
             assert evaluation.metrics[category][metric] == pytest.approx(values[metric], abs=1e-9), (category, metric)
@@ -129,7 +129,7 @@ def _mvtec_aupro(maps, masks, limit=0.3):
 def test_the_mvtec_algorithm_on_the_exported_tree_gives_the_record(exported_run):
     """Read the exported folder as the official script does (maps, ground truth, the test listing)."""
     out, record = exported_run["out"], exported_run["records"]["noisy"]
-    for category, values in record["metrics"].items():
+    for category, values in record.metrics.items():
         maps, masks, labels = [], [], []
         for image in sorted((out / category / "test").rglob("*.png")):
             defect, stem = image.parent.name, image.stem
@@ -152,11 +152,11 @@ def test_without_the_scores_file_evaluate_uses_the_map_maximum(exported_run, tmp
     out = tmp_path / "meanimage"
     assert main(["export-maps", "--results-dir", str(exported_run["tmp"] / "results"), "--method", "meanimage",
                  "--dataset", "toy", "--out", str(out)]) == 0
-    for category in record["metrics"]:
+    for category in record.metrics:
         (out / category / "image_scores.csv").unlink()
     evaluation = evaluate_maps(out, load_toy(), eval_size=EVAL_SIZE)
     assert evaluation.score_files == []
-    for category, values in record["metrics"].items():
+    for category, values in record.metrics.items():
         for metric in STANDARD:
             assert evaluation.metrics[category][metric] == pytest.approx(values[metric], abs=1e-9)
     shutil.rmtree(out)
@@ -214,6 +214,6 @@ def test_the_command_line_round_trip_on_the_synthetic_data(tmp_path, capsys):
     (path,) = (tmp_path / "e" / "records").rglob("*.json")
     evaluated = json.loads(path.read_text())
     assert evaluated["method_info"]["image_score"].startswith("the method's own")
-    for category, values in record["metrics"].items():
+    for category, values in record.metrics.items():
         for metric in STANDARD:
             assert evaluated["metrics"][category][metric] == pytest.approx(values[metric], abs=1e-9)

@@ -72,8 +72,8 @@ def test_a_damaged_fit_cache_is_moved_aside_and_the_job_refits(toy_registry, run
     (cache,) = (run_options.cache_dir / "fits").rglob("*.safetensors")
     cache.write_bytes(cache.read_bytes()[:64])
     again = Runner(toy_registry, run_options).run(jobs).outcomes[0]
-    assert again.status == "ok" and "fit_restored_from" not in again.record["method_info"]
-    assert again.record["metrics"] == first.record["metrics"]
+    assert again.status == "ok" and "fit_restored_from" not in again.record.method_info
+    assert again.record.metrics == first.record.metrics
     assert cache.with_name(cache.name + ".corrupt").exists() and cache.exists()
 
 
@@ -182,7 +182,7 @@ def test_a_full_disk_leaves_no_partial_record_and_names_the_folder(toy_registry,
     # With space again, the rerun reuses the cached fit of the job whose record could not be written.
     again = Runner(toy_registry, run_options).run(jobs).outcomes
     assert [o.status for o in again] == ["skipped", "ok"]
-    assert "fit_restored_from" in again[1].record["method_info"]
+    assert "fit_restored_from" in again[1].record.method_info
 
 
 def test_a_full_disk_while_checkpointing_leaves_no_partial_file(tmp_path, monkeypatch):

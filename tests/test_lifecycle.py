@@ -51,7 +51,7 @@ def test_finish_writes_the_record_and_tells_the_reporters(toy_registry, run_opti
 
         @hookimpl
         def harness_job_finished(self, job, record):
-            heard.append((job.method, record["status"]))
+            heard.append((job.method, record.status))
 
     toy_registry.manager.register(Listener())
     planned = Planner(toy_registry, run_options).plan(_jobs("meanimage")).jobs[0]

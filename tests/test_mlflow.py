@@ -85,12 +85,12 @@ def test_each_job_is_a_run_with_params_metrics_and_artifacts(store, run_options,
     assert ok.info.status == "FINISHED" and ok.info.run_name == jobs[0].label
     assert ok.data.params["job.seed"] == "0" and ok.data.params["setting.image_size"] == "32"
     assert ok.data.params["run.weights"] == "pretrained"
-    assert ok.data.metrics["mean/image_auroc"] == pytest.approx(record["mean"]["image_auroc"])
-    assert ok.data.metrics["mean/mad"] == pytest.approx(record["mean"]["mad"])
-    for category, values in record["metrics"].items():
+    assert ok.data.metrics["mean/image_auroc"] == pytest.approx(record.mean["image_auroc"])
+    assert ok.data.metrics["mean/mad"] == pytest.approx(record.mean["mad"])
+    for category, values in record.metrics.items():
         for metric, value in values.items():
             assert ok.data.metrics[f"{category}/{metric}"] == pytest.approx(value)
-    assert ok.data.metrics["efficiency/fps"] == pytest.approx(record["efficiency"]["fps"])
+    assert ok.data.metrics["efficiency/fps"] == pytest.approx(record.efficiency["fps"])
     assert "efficiency/params" in ok.data.metrics
     assert ok.data.tags["harness.status"] == "ok"
     assert ok.data.tags["harness.record"] == str(outcome.record_path)

@@ -50,11 +50,11 @@ def test_mvtec_ad2_scores_the_public_set_and_exports_the_private_ones(tmp_path, 
     root, outcome = _run(tmp_path, run_options, "mvtec_ad2", mvtec_ad2, R.build_mvtec_ad2)
     record = outcome.record
     index = mvtec_ad2.load_mvtec_ad2(root)
-    for category, values in record["metrics"].items():
+    for category, values in record.metrics.items():
         assert 0 <= values["pixel_segf1"] <= 1 and 0 <= values["pixel_aupro_fpr0.05"] <= 1
     # Only test_public is scored: the number of test images equals its size.
-    assert record["efficiency"]["n_test_images"] == sum(len(c.test) for c in index.categories.values())
-    unscored = record["artifacts"]["unscored_maps"]
+    assert record.efficiency["n_test_images"] == sum(len(c.test) for c in index.categories.values())
+    unscored = record.artifacts["unscored_maps"]
     assert unscored["counts"] == {c: len(cat.unscored) for c, cat in index.categories.items()}
     assert all(t is not None for t in unscored["thresholds"].values())
     out = tmp_path / "export"
@@ -74,7 +74,7 @@ def test_mvtec_ad2_scores_the_public_set_and_exports_the_private_ones(tmp_path, 
 def test_mvtec_ad2_oneclass_writes_the_private_maps_of_every_category(tmp_path, run_options):
     root, outcome = _run(tmp_path, run_options, "mvtec_ad2", mvtec_ad2, R.build_mvtec_ad2, protocol="oneclass")
     index = mvtec_ad2.load_mvtec_ad2(root)
-    unscored = outcome.record["artifacts"]["unscored_maps"]
+    unscored = outcome.record.artifacts["unscored_maps"]
     assert unscored["counts"] == {c: len(cat.unscored) for c, cat in index.categories.items()}
     assert set(unscored["thresholds"]) == set(index.categories)
 
@@ -98,7 +98,7 @@ def test_segf1_threshold_comes_from_validation_normals_only():
 
 def test_mvtec_loco_run_reports_spro_by_anomaly_type(tmp_path, run_options):
     _, outcome = _run(tmp_path, run_options, "mvtec_loco", mvtec_loco, R.build_mvtec_loco)
-    for values in outcome.record["metrics"].values():
+    for values in outcome.record.metrics.values():
         for name in ("pixel_spro", "pixel_spro_logical", "pixel_spro_structural"):
             assert 0 <= values[name] <= 1
         assert values["pixel_spro"] == pytest.approx((values["pixel_spro_logical"]
@@ -118,7 +118,7 @@ def test_leaderboard_shows_loco_by_anomaly_type(tmp_path, run_options):
 
 def test_realiad_sample_level_auroc(tmp_path, run_options):
     _, outcome = _run(tmp_path, run_options, "realiad", realiad, R.build_realiad)
-    for values in outcome.record["metrics"].values():
+    for values in outcome.record.metrics.values():
         assert 0 <= values["image_sample_auroc"] <= 1
 
 

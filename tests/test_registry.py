@@ -107,7 +107,7 @@ class _Reporter:
 
     @hookimpl
     def harness_job_finished(self, job, record):
-        self.events.append(("job_finished", record["status"]))
+        self.events.append(("job_finished", record.status))
 
     @hookimpl
     def harness_run_finished(self, records, interrupted):

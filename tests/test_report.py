@@ -130,7 +130,7 @@ def test_saved_curves_carry_the_records_numbers(report):
         if outcome.status != "ok" or outcome.job.method != "noisy":
             continue
         curves = read_curves(outcome.record_path, outcome.record)
-        for category, values in outcome.record["metrics"].items():
+        for category, values in outcome.record.metrics.items():
             for curve in curves[category].values():
                 assert curve.value == pytest.approx(values[curve.metric], abs=1e-12)
                 assert curve.x.size <= curve.n_exact

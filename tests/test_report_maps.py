@@ -43,7 +43,7 @@ def _run(tmp_path, save_maps, jobs, force=False):
 def test_none_saves_nothing(tmp_path):
     summary = _run(tmp_path, "none", [Job("meanimage", "toy", "multiclass", None, 0, "tiny")])
     outcome = summary.outcomes[0]
-    assert outcome.record["artifacts"] == {}
+    assert outcome.record.artifacts == {}
     assert not artifacts_folder(outcome.record_path).exists()
 
 
@@ -84,7 +84,7 @@ def test_a_rerun_replaces_the_folder_and_a_dead_jobs_leftovers_go(tmp_path):
     second = _run(tmp_path, "sample", [job], force=True).outcomes[0]
     assert not leftover.exists()
     assert not (folder / "all").exists()  # the folder is the second run's, whole
-    assert "all" not in second.record["artifacts"]["maps"]
+    assert "all" not in second.record.artifacts["maps"]
     assert sorted(p.name for p in folder.iterdir()) == ["curves.safetensors", "sample.safetensors"]
     assert not list(folder.parent.glob("*.json.*")) and not list(folder.rglob("*.json"))
 
@@ -92,7 +92,7 @@ def test_a_rerun_replaces_the_folder_and_a_dead_jobs_leftovers_go(tmp_path):
 def test_a_failed_job_leaves_no_saved_maps(tmp_path):
     summary = _run(tmp_path, "all", [Job("raising", "toy", "multiclass", None, 0, "tiny")])
     outcome = summary.outcomes[0]
-    assert outcome.status == "failed" and outcome.record["artifacts"] == {}
+    assert outcome.status == "failed" and outcome.record.artifacts == {}
     assert not artifacts_folder(outcome.record_path).exists()
     with pytest.raises(Exception, match="--save-maps all"):
         list(iter_all_maps(outcome.record_path, outcome.record))

@@ -43,7 +43,7 @@ def test_fit_never_sees_test_images(toy_registry, run_options):
     runner = Runner(toy_registry, run_options)
     summary = runner.run(_jobs(["meanimage"]))
     record = summary.outcomes[0].record
-    assert record["method_info"]["n_train"] == 12
+    assert record.method_info["n_train"] == 12
 
 
 def test_failures_are_recorded_and_the_run_goes_on(toy_registry, run_options):
@@ -70,7 +70,7 @@ def test_rerun_skips_finished_jobs_and_reuses_cached_fits(toy_registry, run_opti
     jobs[0].record_path(run_options.results_dir).unlink()
     third = Runner(toy_registry, run_options).run(jobs)
     assert [o.status for o in third.outcomes] == ["ok", "skipped"]
-    assert "fit_restored_from" in third.outcomes[0].record["method_info"]
+    assert "fit_restored_from" in third.outcomes[0].record.method_info
 
 
 def test_force_redoes_finished_jobs(toy_registry, run_options):
@@ -79,7 +79,7 @@ def test_force_redoes_finished_jobs(toy_registry, run_options):
     run_options.force = True
     again = Runner(toy_registry, run_options).run(jobs)
     assert [o.status for o in again.outcomes] == ["ok"]
-    assert "fit_restored_from" not in again.outcomes[0].record["method_info"]
+    assert "fit_restored_from" not in again.outcomes[0].record.method_info
 
 
 def test_interrupt_keeps_finished_records(toy_registry, run_options, monkeypatch):
@@ -106,15 +106,15 @@ def test_interrupt_keeps_finished_records(toy_registry, run_options, monkeypatch
 def test_oneclass_fits_one_model_per_category(toy_registry, run_options):
     summary = Runner(toy_registry, run_options).run(_jobs(["meanimage"], protocol="oneclass"))
     record = summary.outcomes[0].record
-    assert record["status"] == "ok"
-    assert record["method_info"]["n_train"] == 6  # the last fit saw one category only
-    assert set(record["metrics"]) == {"red", "blue"}
+    assert record.status == "ok"
+    assert record.method_info["n_train"] == 6  # the last fit saw one category only
+    assert set(record.metrics) == {"red", "blue"}
 
 
 def test_fewshot_jobs_use_k_images_per_category(toy_registry, run_options):
     summary = Runner(toy_registry, run_options).run(_jobs(["meanimage"], protocol="fewshot", shots=[1, 2], seeds=(0, 1)))
     assert len(summary.outcomes) == 4
-    n_train = {(o.job.shots, o.job.seed): o.record["method_info"]["n_train"] for o in summary.outcomes}
+    n_train = {(o.job.shots, o.job.seed): o.record.method_info["n_train"] for o in summary.outcomes}
     assert n_train == {(1, 0): 2, (1, 1): 2, (2, 0): 4, (2, 1): 4}
     paths = {o.record_path.parent.parent.name for o in summary.outcomes}
     assert paths == {"fewshot-1shot", "fewshot-2shot"}

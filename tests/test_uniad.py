@@ -248,5 +248,5 @@ def test_a_multiclass_run_writes_an_ok_record(tmp_path):
     (outcome,) = summary.outcomes
     assert outcome.status == "ok", summary.describe()
     record = outcome.record
-    assert set(record["metrics"]) == {"red", "blue"}
-    assert np.isfinite(record["mean"]["image_auroc"]) and record["efficiency"]["params"] > 0
+    assert set(record.metrics) == {"red", "blue"}
+    assert np.isfinite(record.mean["image_auroc"]) and record.efficiency["params"] > 0

@@ -55,9 +55,9 @@ def test_the_record_lists_every_file_used_with_its_sha256(registry, run_options,
     plan = Planner(registry, run_options).plan(_jobs())
     assert not run_preflight(plan).problems
     record = Runner(registry, run_options).run(plan).outcomes[0].record
-    (used,) = record["weights"]
+    (used,) = record.weights
     digest = hashlib.sha256((folder / "toy-template.safetensors").read_bytes()).hexdigest()
-    assert used["key"] == "template" and used["sha256"] == digest and used["path"].endswith("toy-template.safetensors")
+    assert used.key == "template" and used.sha256 == digest and used.path.endswith("toy-template.safetensors")
 
 
 def test_random_weights_need_no_file_and_are_marked(registry, run_options, tmp_path):
@@ -65,8 +65,8 @@ def test_random_weights_need_no_file_and_are_marked(registry, run_options, tmp_p
     plan = Planner(registry, run_options).plan(_jobs("random"))
     assert not run_preflight(plan).problems
     record = Runner(registry, run_options).run(plan).outcomes[0].record
-    assert record["status"] == "ok" and record["run"]["weights"] == "random" and record["weights"] == []
-    assert record["method_info"]["random_weights"] is True
+    assert record.status == "ok" and record.run.weights == "random" and record.weights == []
+    assert record.method_info["random_weights"] is True
     assert plan.jobs[0].record_path.name.endswith("-randomweights.json")
 
 

@@ -27,6 +27,7 @@ from harness.engine.recording import finish_record, start_record
 from harness.engine.registry import Registry
 from harness.engine.support.fsutil import move_aside
 from harness.engine.support.locks import JobLock
+from harness.results.record_parts import ErrorInfo
 from harness.results.records import DamagedRecordError, Record, load_record, write_record
 
 __all__ = ["JobLifecycle"]
@@ -110,13 +111,12 @@ class JobLifecycle:
         """The record of a job that ended without one of its own (a lost worker, a task error)."""
         record = start_record(planned, options, dict(environment or {}))
         record.status = "failed"
-        record.error = {"phase": phase, "type": error_type, "message": message, "traceback": traceback}
+        record.error = ErrorInfo(phase=phase, type=error_type, message=message, traceback=traceback)
         finish_record(record, [], None)
         return record
 
     def finish(self, planned: PlannedJob, record: Record, message: str = "") -> JobOutcome:
         """Write ``record`` atomically, tell the reporters, and return the job's outcome."""
         write_record(planned.record_path, record)
-        data = record.to_dict()
-        self.registry.call_reporters("harness_job_finished", job=planned.job, record=data)
-        return JobOutcome(planned.job, record.status, planned.record_path, data, message if not record.ok else "")
+        self.registry.call_reporters("harness_job_finished", job=planned.job, record=record)
+        return JobOutcome(planned.job, record.status, planned.record_path, record, message if not record.ok else "")

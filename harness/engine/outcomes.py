@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from harness.engine.jobs import Job
+
+if TYPE_CHECKING:
+    from harness.results.records import Record
 
 __all__ = ["JobOutcome", "RunSummary"]
 
@@ -21,7 +24,7 @@ class JobOutcome:
     job: Job
     status: str  # "ok", "failed" or "skipped"
     record_path: Path
-    record: dict[str, Any] | None = None
+    record: Record | None = None
     message: str = ""
 
 

@@ -22,6 +22,7 @@ from harness.errors import UsageError
 from harness.engine.jobs import Job
 from harness.engine.options import RunOptions
 from harness.engine.protocols import FitUnit, plan_fit_units
+from harness.results.record_parts import RunInfo
 from harness.results.records import DamagedRecordError, load_record
 from harness.engine.registry import Registry
 from harness.settings import SettingError, Settings, open_choices
@@ -98,19 +99,14 @@ class PlannedJob:
         """Weight files that were not found."""
         return [w for w in self.weights if w.path is None]
 
-    def run_info(self, options: RunOptions) -> dict[str, Any]:
-        """The record's ``run`` field (how the job ran)."""
-        precision = self.settings.get("precision", "fp32")
-        info: dict[str, Any] = {
-            "dev_run": self.job.dev_run, "weights": self.job.weights, "precision": precision,
-            "eval_size": self.eval_size if self.eval_size else "native", "eval_size_source": self.eval_size_source,
-            "eval_grid": self.grid.as_dict(),
-            "executor": options.executor, "paper_protocol": self.spec.paper_protocol or None,
-            "resources": self.resources.as_dict(),
-        }
-        if self.notes:
-            info["notes"] = list(self.notes)
-        return info
+    def run_info(self, options: RunOptions) -> RunInfo:
+        """The record's ``run`` part (how the job ran)."""
+        return RunInfo(dev_run=self.job.dev_run, weights=self.job.weights,
+                       precision=self.settings.get("precision", "fp32"),
+                       eval_size=self.eval_size if self.eval_size else "native", eval_size_source=self.eval_size_source,
+                       eval_grid=self.grid.as_dict(), executor=options.executor,
+                       paper_protocol=self.spec.paper_protocol or None, resources=self.resources.as_dict(),
+                       notes=list(self.notes) if self.notes else None)
 
     def choices(self) -> dict[str, Any]:
         """``method_info.choices``: the values the paper leaves open, with their reasons."""

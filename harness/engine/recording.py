@@ -10,14 +10,15 @@ from harness.engine.fitting import FitResult
 from harness.metrics import mean_over_categories
 from harness.engine.options import RunOptions
 from harness.engine.planning import PlannedJob
+from harness.results.record_parts import Environment, ErrorInfo, WeightUse
 from harness.results.records import Record
 
 
 def start_record(planned: PlannedJob, options: RunOptions, environment: dict[str, Any]) -> Record:
     """A ``running`` record for ``planned``, with everything known before it runs."""
-    return Record(job=planned.job.as_dict(), status="running", settings=planned.settings.as_json(),
+    return Record(job=planned.job, status="running", settings=planned.settings.as_json(),
                   method_info={"choices": planned.choices()} if planned.choices() else {},
-                  run=planned.run_info(options), environment=environment, started=now())
+                  run=planned.run_info(options), environment=Environment.from_dict(environment), started=now())
 
 
 def add_fit(record: Record, unit: str, result: FitResult, n_units: int) -> None:
@@ -29,16 +30,16 @@ def add_fit(record: Record, unit: str, result: FitResult, n_units: int) -> None:
         record.method_info.setdefault("fits", {})[unit] = info
         # The last unit's facts also stand at the top level, as they did before per-unit facts.
     record.method_info.update(info)
-    record.efficiency["train_seconds"] = record.efficiency.get("train_seconds", 0.0) + result.train_seconds
+    record.efficiency.train_seconds = (record.efficiency.train_seconds or 0.0) + result.train_seconds
     if result.resumed_from:
-        record.run.setdefault("resumed_from", {})[unit] = result.resumed_from
+        record.run.resumed_from = {**(record.run.resumed_from or {}), unit: result.resumed_from}
 
 
 def add_failure(record: Record, phase: str, error: BaseException) -> str:
     """Mark the record failed in ``phase``; return the one-line message for the summary."""
     record.status = "failed"
-    record.error = {"phase": phase, "type": type(error).__name__, "message": str(error),
-                    "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__))}
+    record.error = ErrorInfo(phase=phase, type=type(error).__name__, message=str(error),
+                             traceback="".join(traceback.format_exception(type(error), error, error.__traceback__)))
     return f"{phase}: {type(error).__name__}: {error}"
 
 
@@ -49,6 +50,6 @@ def finish_record(record: Record, weights_used: list[dict[str, Any]], mad_metric
     if record.status == "running":
         record.status = "ok"
     record.mean = mean_over_categories(record.metrics, mad_metrics) if record.metrics else {}
-    record.weights = list(weights_used)
+    record.weights = [WeightUse.from_dict(w) for w in weights_used]
     record.finished = now()
     return record

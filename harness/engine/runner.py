@@ -203,12 +203,12 @@ class JobRunner:
 
                     add_unscored(record.artifacts, write_unscored(evaluator, method, unscored, thresholds,
                                                                   planned.record_path))
-                record.efficiency["compile_fallback"] = setup.fallback
+                record.efficiency.compile_fallback = setup.fallback
                 del method
             record.efficiency.update(evaluator.efficiency())
             record.efficiency.update(tf32=tf32_flags(), cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
                                      **library_versions())
-            record.efficiency.update(limit_share(record.efficiency.get("flops_per_image"), record.efficiency.get("fps"),
+            record.efficiency.update(limit_share(record.efficiency.flops_per_image, record.efficiency.fps,
                                                  self._env.get("device_name") if self._env else None,
                                                  str(planned.settings.get("precision", "fp32")),
                                                  tf32_flags()["matmul"]))

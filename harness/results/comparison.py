@@ -39,12 +39,10 @@ def numerics_environments(results_dir: Path | str) -> list[dict[str, Any]]:
         Sorted; each has the keys and ``records``, the number of records computed there.
     """
     counts: dict[str, int] = {}
-    for _path, typed in scan_records(Path(results_dir)).records:
-        record = typed.to_dict()
-        run = record.get("run") or {}
-        if record.get("status") != "ok" or run.get("dev_run") or run.get("weights") == "random":
+    for _path, record in scan_records(Path(results_dir)).records:
+        if not record.is_result:
             continue
-        key = _numerics_key(record.get("environment") or {})
+        key = _numerics_key(record.environment)
         counts[key] = counts.get(key, 0) + 1
     return [{**json.loads(key), "records": n} for key, n in sorted(counts.items())]
 

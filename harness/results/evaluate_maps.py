@@ -36,6 +36,9 @@ import numpy as np
 
 from harness.data import DatasetIndex, Sample, read_mask, resize_mask
 from harness.errors import UsageError
+from harness.engine.jobs import Job
+from harness.results.record_parts import Efficiency, Environment
+from harness.results.records import Record
 
 #: Map file suffixes, in the order they are looked for.
 MAP_SUFFIXES = (".tiff", ".tif", ".npy")
@@ -364,33 +367,24 @@ def _dataset_metrics(specs: Sequence[Any], computed: dict[str, float], accumulat
 
 
 def evaluation_record(evaluation: MapsEvaluation, *, name: str, dataset: str, protocol: str, shots: int | None,
-                      maps_dir: Path, eval_size: int | None, started: str) -> tuple[Any, dict[str, Any]]:
-    """The job and record of an evaluation, shaped like the runner's.
-
-    Returns
-    -------
-    (Job, dict)
-    """
+                      maps_dir: Path, eval_size: int | None, started: str) -> tuple[Job, Record]:
+    """The job and record of an evaluation, shaped like the runner's."""
     from harness import __version__
-    from harness.engine.jobs import Job
     from harness.metrics import mean_over_categories
-    from harness.results.records import SCHEMA_VERSION
 
     job = Job(method=name, dataset=dataset, protocol=protocol, shots=shots, seed=0, profile=EVALUATE_PROFILE)
-    record = {
-        "schema": SCHEMA_VERSION, "job": job.as_dict(), "status": "ok", "error": None,
-        "metrics": evaluation.metrics, "mean": mean_over_categories(evaluation.metrics),
-        "efficiency": {"n_test_images": evaluation.n_maps},
-        "method_info": {"source": "harness evaluate", "maps_dir": str(Path(maps_dir).resolve()),
-                        "image_score": ("the method's own (image_scores.csv)" if evaluation.score_files
-                                        else "maximum of the anomaly map"),
-                        "eval_size": eval_size or "native (mask resolution)",
-                        "extra_map_files_ignored": len(evaluation.extra_files)},
-        "settings": {},
-        "environment": {"harness": __version__, "python": platform.python_version(), "numpy": np.__version__,
-                        "platform": platform.platform()},
-        "started": started, "finished": _now(),
-    }
+    record = Record(
+        job=job, status="ok", metrics=evaluation.metrics, mean=mean_over_categories(evaluation.metrics),
+        efficiency=Efficiency(n_test_images=evaluation.n_maps),
+        method_info={"source": "harness evaluate", "maps_dir": str(Path(maps_dir).resolve()),
+                     "image_score": ("the method's own (image_scores.csv)" if evaluation.score_files
+                                     else "maximum of the anomaly map"),
+                     "eval_size": eval_size or "native (mask resolution)",
+                     "extra_map_files_ignored": len(evaluation.extra_files)},
+        environment=Environment(harness=__version__, python=platform.python_version(), numpy=np.__version__,
+                                platform=platform.platform()),
+        started=started, finished=_now(),
+    )
     return job, record
 
 

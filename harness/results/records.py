@@ -4,7 +4,8 @@ Layout under the results directory::
 
     <results>/records/<dataset>/<protocol>[-<k>shot]/<method>/<profile>-seed<seed>[-<hash>].json
 
-A record (:class:`Record`) has these fields:
+A record (:class:`Record`) has these fields; ``job``, ``run``, ``efficiency``, ``environment``,
+``error`` and ``weights`` are typed (:mod:`harness.results.record_parts`):
 
 ``schema``
     Record format version (:data:`SCHEMA_VERSION`; version 1 records, written before typed
@@ -51,12 +52,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+import warnings
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from harness.errors import HarnessError
+from harness.engine.jobs import Job
 from harness.engine.support.fsutil import atomic_write
+from harness.results.record_parts import Efficiency, Environment, ErrorInfo, RunInfo, WeightUse
 
 SCHEMA_VERSION = 2
 
@@ -67,23 +71,43 @@ class DamagedRecordError(HarnessError):
 
 @dataclass
 class Record:
-    """One job's outcome (see the module docstring for every field)."""
+    """One job's outcome (see the module docstring for every field).
 
-    job: dict[str, Any]
+    The nested parts are typed: :attr:`job` is the job's key (:class:`~harness.engine.jobs.Job`),
+    :attr:`run`, :attr:`efficiency`, :attr:`environment`, :attr:`error` and :attr:`weights` are the
+    dataclasses of :mod:`harness.results.record_parts`. Plain dicts given to the constructor are
+    converted. Reading a record by key (``record["status"]``) gives its JSON form, as the dict
+    records of harness 0.2 did; it is deprecated in favour of the attributes.
+    """
+
+    job: Job
     status: str = "running"
-    error: dict[str, Any] | None = None
-    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
-    mean: dict[str, Any] = field(default_factory=dict)
-    efficiency: dict[str, Any] = field(default_factory=dict)
+    error: ErrorInfo | None = None
+    metrics: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    mean: dict[str, float | None] = field(default_factory=dict)
+    efficiency: Efficiency = field(default_factory=Efficiency)
     method_info: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
-    run: dict[str, Any] = field(default_factory=dict)
-    weights: list[dict[str, Any]] = field(default_factory=list)
+    run: RunInfo = field(default_factory=RunInfo)
+    weights: list[WeightUse] = field(default_factory=list)
     artifacts: dict[str, Any] = field(default_factory=dict)
-    environment: dict[str, Any] = field(default_factory=dict)
+    environment: Environment = field(default_factory=Environment)
     started: str | None = None
     finished: str | None = None
     schema: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.job, Job):
+            self.job = _job_key(self.job)
+        if self.error is not None and not isinstance(self.error, ErrorInfo):
+            self.error = ErrorInfo.from_dict(self.error)
+        self.efficiency = Efficiency.from_dict(self.efficiency)
+        self.run = RunInfo.from_dict(self.run)
+        self.environment = Environment.from_dict(self.environment)
+        self.weights = [WeightUse.from_dict(w) for w in self.weights]
+        for name in ("metrics", "mean", "method_info", "settings", "artifacts"):
+            if getattr(self, name) is None:
+                setattr(self, name, {})
 
     @property
     def ok(self) -> bool:
@@ -93,15 +117,25 @@ class Record:
     @property
     def is_result(self) -> bool:
         """A finished job whose numbers may be shown: not a dev run, not random weights."""
-        return self.ok and not self.run.get("dev_run") and self.run.get("weights", "pretrained") != "random"
+        return (self.ok and self.run.shows_result and not self.job.dev_run and self.job.weights != "random")
 
     def to_dict(self) -> dict[str, Any]:
         """The record as strict-JSON-ready data."""
-        return _clean(asdict(self))
+        return _clean({
+            "job": self.job.as_dict(), "status": self.status,
+            "error": None if self.error is None else self.error.to_dict(),
+            "metrics": self.metrics, "mean": self.mean, "efficiency": self.efficiency.to_dict(),
+            "method_info": self.method_info, "settings": self.settings, "run": self.run.to_dict(),
+            "weights": [w.to_dict() for w in self.weights], "artifacts": self.artifacts,
+            "environment": self.environment.to_dict(), "started": self.started, "finished": self.finished,
+            "schema": self.schema,
+        })
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Record":
         """Build a record from JSON data of any schema version (version 1 is migrated)."""
+        if isinstance(data, Record):
+            return data
         if not isinstance(data, Mapping) or not isinstance(data.get("job"), Mapping) or "status" not in data:
             raise DamagedRecordError("not a job record (no 'job' or 'status')")
         version = int(data.get("schema", 1) or 1)
@@ -111,11 +145,36 @@ class Record:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values["schema"] = SCHEMA_VERSION
-        for name in ("metrics", "mean", "efficiency", "method_info", "settings", "run", "artifacts", "environment"):
-            if values.get(name) is None:
-                values[name] = {}
         values["weights"] = list(values.get("weights") or [])
         return cls(**values)
+
+    # -- the JSON form by key, for hooks written against the dict records of harness 0.2 -------------
+    def __getitem__(self, key: str) -> Any:
+        warnings.warn(f"reading a record by key (record[{key!r}]) is deprecated: read the typed attribute "
+                      f"record.{key} (or record.to_dict()[{key!r}] for the JSON form)", DeprecationWarning,
+                      stacklevel=2)
+        return self.to_dict()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The JSON form's ``key`` (deprecated, as ``record[key]``)."""
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def keys(self) -> Any:
+        """The JSON form's keys (so that ``dict(record)`` gives the JSON form)."""
+        return self.to_dict().keys()
+
+
+def _job_key(data: Any) -> Job:
+    """The :class:`Job` of a record's ``job`` block."""
+    if not isinstance(data, Mapping):
+        raise DamagedRecordError("not a job record ('job' is not an object)")
+    try:
+        return Job.from_dict(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DamagedRecordError(f"its 'job' lacks or garbles {exc}") from None
 
 
 def _clean(value: Any) -> Any:

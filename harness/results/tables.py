@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterable, Sequence
 import pandas as pd
 
 from harness.metrics.builtin import STANDARD_METRICS
-from harness.results.records import scan_records
+from harness.results.record_parts import ErrorInfo
+from harness.results.records import Record, scan_records
 from harness.specs import MetricSpec
 
 EFFICIENCY_METRICS: tuple[str, ...] = ("fps", "params", "latency_ms", "train_seconds", "predict_seconds",
@@ -102,8 +103,9 @@ def _overrides_text(overrides: Any) -> str:
     """A canonical, sorted ``key=value`` text for a job's overrides (``""`` when none)."""
     if not overrides:
         return ""
-    if not isinstance(overrides, dict):
+    if not isinstance(overrides, (dict, tuple)):
         return str(overrides)
+    overrides = dict(overrides)
     parts = []
     for key in sorted(overrides):
         value = overrides[key]
@@ -112,27 +114,26 @@ def _overrides_text(overrides: Any) -> str:
     return ", ".join(parts)
 
 
-def _record_row(path: Path, record: dict[str, Any]) -> dict[str, Any]:
+def _record_row(path: Path, record: Record) -> dict[str, Any]:
     """Flatten one record into a dict of scalars (see :func:`collect` for the columns)."""
-    job = record.get("job") or {}
-    error = record.get("error") or {}
+    job, error = record.job, record.error or ErrorInfo()
     row: dict[str, Any] = {
         "path": str(path),
-        "dataset": job.get("dataset"),
-        "protocol": job.get("protocol"),
-        "shots": job.get("shots"),
-        "method": job.get("method"),
-        "profile": job.get("profile"),
+        "dataset": job.dataset,
+        "protocol": job.protocol,
+        "shots": job.shots,
+        "method": job.method,
+        "profile": job.profile,
         # A paper-grid record is its own variant: never averaged with the harness grid's.
-        "overrides": ", ".join(filter(None, [_overrides_text(job.get("overrides")),
-                                             "eval_grid=paper" if job.get("eval_grid") == "paper" else ""])),
-        "seed": job.get("seed"),
-        "status": record.get("status"),
-        "result": not (record.get("run") or {}).get("dev_run") and (record.get("run") or {}).get("weights") != "random",
-        "error_phase": error.get("phase"),
-        "error_type": error.get("type"),
-        "error_message": error.get("message"),
-        "finished": record.get("finished"),
+        "overrides": ", ".join(filter(None, [_overrides_text(job.overrides),
+                                             "eval_grid=paper" if job.eval_grid == "paper" else ""])),
+        "seed": job.seed,
+        "status": record.status,
+        "result": record.run.shows_result and not job.dev_run and job.weights != "random",
+        "error_phase": error.phase,
+        "error_type": error.type,
+        "error_message": error.message,
+        "finished": record.finished,
     }
     for category, metric, value in _record_values(record):
         prefix = _EFFICIENCY_PREFIX if category is None else f"{_METRICS_PREFIX}{category}/"
@@ -140,18 +141,17 @@ def _record_row(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _record_values(record: dict[str, Any]) -> Iterable[tuple[str | None, str, Any]]:
+def _record_values(record: Record) -> Iterable[tuple[str | None, str, Any]]:
     """``(category, metric, value)`` for every value the record holds; category None for efficiency."""
-    for category, values in (record.get("metrics") or {}).items():
+    for category, values in record.metrics.items():
         for metric, value in (values or {}).items():
             yield str(category), str(metric), value
     # The record's own mean goes under the reserved category "mean", like the papers' rows.
-    for metric, value in (record.get("mean") or {}).items():
+    for metric, value in record.mean.items():
         yield "mean", str(metric), value
-    for name, value in (record.get("efficiency") or {}).items():
-        # Only numbers: the device name and per-network dicts are not figures to average.
-        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-            yield None, str(name), value
+    # Only numbers: the device name and per-network dicts are not figures to average.
+    for name, value in record.efficiency.figures():
+        yield None, name, value
 
 
 def _to_float(value: Any) -> float:
@@ -177,8 +177,7 @@ def _read(results_dir: Path | str, columns: Columns = STANDARD_COLUMNS,
     if warn is not None:
         for line in scan.warnings():
             warn(line)
-    for index, (path, typed) in enumerate(scan.records):
-        record = typed.to_dict()
+    for index, (path, record) in enumerate(scan.records):
         rows.append(_record_row(path, record))
         for category, metric, value in _record_values(record):
             number = _to_float(value)

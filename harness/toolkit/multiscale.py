@@ -30,7 +30,7 @@ input and output sizes, so resizing to ``size=(grid, grid)`` is the same operati
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -99,4 +99,4 @@ def harness_job_finished(job, record):
     path = os.environ.get("HARNESS_EXAMPLE_LOG")
     if path:
         with open(path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"job": record["job"], "status": record["status"], "mean": record["mean"]}) + "\n")
+            handle.write(json.dumps({"job": record.job.as_dict(), "status": record.status, "mean": record.mean}) + "\n")

@@ -33,7 +33,6 @@ import numpy as np
 
 from harness.errors import UsageError
 from harness.engine.support.fsutil import atomic_write, atomic_writer
-from harness.engine.jobs import Job
 from harness.results.records import Record, scan_records
 from harness.results.report.maps import SavedMapsError, iter_all_maps, maps_info
 
@@ -80,15 +79,15 @@ def _selected(results_dir: Path, method: str, datasets: Sequence[str], protocol:
     chosen = []
     for path, record in scan.records:
         job = record.job
-        if job.get("method") != method or not record.ok:
+        if job.method != method or not record.ok:
             continue
-        if datasets and job.get("dataset") not in datasets:
+        if datasets and job.dataset not in datasets:
             continue
-        if protocol and job.get("protocol") != protocol:
+        if protocol and job.protocol != protocol:
             continue
-        if profile and job.get("profile") != profile:
+        if profile and job.profile != profile:
             continue
-        if seed is not None and int(job.get("seed", 0)) != seed:
+        if seed is not None and job.seed != seed:
             continue
         chosen.append((path, record))
     return chosen
@@ -120,7 +119,7 @@ def export_record(record_path: Path, record: Record, out: Path, ground_truth: bo
     """
     info = maps_info(record) or {}
     exported = ExportedRecord(Path(record_path), Path(out), eval_size=info.get("eval_size", "native"),
-                              dataset=str(record.job.get("dataset")))
+                              dataset=record.job.dataset)
     exported.unscored = _copy_unscored(record_path, record, Path(out))
     scores: dict[str, list[tuple[str, float]]] = {}
     saved_maps = iter_all_maps(record_path, record, with_images=ground_truth) if info.get("all") else ()
@@ -148,7 +147,7 @@ def export_record(record_path: Path, record: Record, out: Path, ground_truth: bo
 
 
 def _unscored(record: Record) -> dict:
-    return (record.artifacts or {}).get("unscored_maps") or {}
+    return record.artifacts.get("unscored_maps") or {}
 
 
 def _copy_unscored(record_path: Path, record: Record, out: Path) -> dict[str, int]:
@@ -195,7 +194,7 @@ def export_maps(results_dir: Path | str, method: str, out: Path | str, datasets:
     for path, record in chosen:
         target = out
         if len(chosen) > 1:
-            stem = Job.from_dict(record.job).relative_path()
+            stem = record.job.relative_path()
             target = out / stem.parent.parent / stem.stem
         try:
             exported.append(export_record(path, record, target, ground_truth))

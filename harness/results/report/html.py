@@ -42,6 +42,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from harness.engine.support.fsutil import atomic_write, ensure_dir
+from harness.engine.jobs import Job
+from harness.results.record_parts import ErrorInfo
 from harness.results.records import Record, scan_records
 from harness.results.report import figures
 from harness.results.report.maps import SAMPLE, WORST_FN, WORST_FP, SavedMapsError, read_curves, read_sample
@@ -86,31 +88,27 @@ class _Entry:
     record: Record
 
     @property
-    def job(self) -> Mapping[str, Any]:
+    def job(self) -> Job:
         """The record's job key."""
         return self.record.job
 
     @property
     def group(self) -> tuple[str, str, int | None]:
         """(dataset, protocol, shots)."""
-        job = self.job
-        shots = job.get("shots")
-        return str(job.get("dataset")), str(job.get("protocol")), None if shots is None else int(shots)
+        return self.job.dataset, self.job.protocol, self.job.shots
 
     @property
     def variant(self) -> str:
         """``method (profile[; overrides])``: one row, one point, one colour."""
-        job = self.job
-        inside = str(job.get("profile"))
-        overrides = job.get("overrides") or {}
-        if overrides:
-            inside += "; " + ", ".join(f"{k}={overrides[k]}" for k in sorted(overrides))
-        return f"{job.get('method')} ({inside})"
+        inside = self.job.profile
+        if self.job.overrides:
+            inside += "; " + ", ".join(f"{k}={v}" for k, v in sorted(self.job.overrides))
+        return f"{self.job.method} ({inside})"
 
     @property
     def seed(self) -> int:
         """The job's seed."""
-        return int(self.job.get("seed") or 0)
+        return self.job.seed
 
 
 def _slug(text: Any) -> str:
@@ -129,8 +127,7 @@ def _finite(value: Any) -> bool:
 
 
 def _is_hidden(record: Record) -> bool:
-    run = record.run or {}
-    return bool(run.get("dev_run")) or run.get("weights", "pretrained") == "random" or bool(record.job.get("dev_run"))
+    return not record.run.shows_result or record.job.dev_run or record.job.weights == "random"
 
 
 def _group_title(group: tuple[str, str, int | None]) -> str:
@@ -285,7 +282,7 @@ def _mean(values: Iterable[Any]) -> float:
 
 def _summary_metrics(specs: Sequence[MetricSpec], entries: Sequence[_Entry]) -> list[tuple[str, str]]:
     labels = _labels(specs)
-    present = {k for e in entries for k, v in (e.record.mean or {}).items() if _finite(v)}
+    present = {k for e in entries for k, v in e.record.mean.items() if _finite(v)}
     return [(m, labels.get(m, m)) for m in SUMMARY_METRICS if m in present and (m == "mad" or m in labels)]
 
 
@@ -300,13 +297,13 @@ def _group(page: _Page, key: tuple[str, str, int | None], entries: Sequence[_Ent
         points = []
         for variant, runs in by_variant.items():
             values = {m: 100.0 * _mean(r.record.mean.get(m) for r in runs) for m, _ in metrics}
-            points.append({"label": variant, "fps": _mean(r.record.efficiency.get("fps") for r in runs),
+            points.append({"label": variant, "fps": _mean(r.record.efficiency.fps for r in runs),
                            "values": values})
         path = figures.accuracy_vs_fps(points, metrics, page.out / "figures" / f"fps-{slug}.png",
                                        f"Accuracy vs FPS — {title}", palette)
-        batch = sorted({str(r.record.efficiency.get("eval_batch_size")) for r in entries
-                        if r.record.efficiency.get("eval_batch_size") is not None})
-        devices = sorted({str(r.record.efficiency.get("device")) for r in entries if r.record.efficiency.get("device")})
+        batch = sorted({str(r.record.efficiency.eval_batch_size) for r in entries
+                        if r.record.efficiency.eval_batch_size is not None})
+        devices = sorted({str(r.record.efficiency.device) for r in entries if r.record.efficiency.device})
         page.add(f"<figure>{page.image(path, f'accuracy vs FPS, {title}', 'fig')}<figcaption>One point per method: "
                  f"mean over seeds of the category means and of the FPS of <code>predict</code> (batch size "
                  f"{_esc(', '.join(batch) or '?')}; device {_esc(', '.join(devices) or '?')}).</figcaption></figure>")
@@ -319,7 +316,7 @@ def _group(page: _Page, key: tuple[str, str, int | None], entries: Sequence[_Ent
             samples[variant] = read_sample(entry.path, entry.record)
         except SavedMapsError as exc:
             warnings.append(f"warning: {exc}; its curves and overlays are left out of the report")
-    categories = list(dict.fromkeys(c for e in entries for c in (e.record.metrics or {})))
+    categories = list(dict.fromkeys(c for e in entries for c in e.record.metrics))
     seeds = ", ".join(f"{v}: seed {e.seed}" for v, e in first.items())
     for category in categories:
         page.add(f"<h4>{_esc(category)}</h4>")
@@ -425,12 +422,12 @@ def _failures(page: _Page, failed: Sequence[_Entry]) -> None:
         return
     rows = []
     for entry in sorted(failed, key=lambda e: (e.group[0], e.group[1], e.variant, e.seed)):
-        error = entry.record.error or {}
-        message = str(error.get("message") or "").strip()
-        trace = str(error.get("traceback") or "").strip()
+        error = entry.record.error or ErrorInfo()
+        message = str(error.message or "").strip()
+        trace = str(error.traceback or "").strip()
         details = f"<details><summary>traceback</summary><pre>{_esc(trace)}</pre></details>" if trace else ""
         rows.append(f"<tr><td>{_esc(_group_title(entry.group))}</td><td>{_esc(entry.variant)}</td><td>{entry.seed}</td>"
-                    f"<td>{_esc(error.get('phase') or '?')}</td><td>{_esc(error.get('type') or 'error')}: "
+                    f"<td>{_esc(error.phase or '?')}</td><td>{_esc(error.type or 'error')}: "
                     f"{_esc(message)}{details}</td></tr>")
     page.add("<table><tr><th>group</th><th>method</th><th>seed</th><th>phase</th><th>error</th></tr>"
              + "".join(rows) + "</table>")

@@ -78,7 +78,7 @@ def harness_job_started(job: Any) -> None:
 
 
 @hookimpl
-def harness_job_finished(job: Any, record: Mapping[str, Any]) -> None:
+def harness_job_finished(job: Any, record: Any) -> None:
     """Log the record's metrics, efficiency figures, the record and its overlays; close the run."""
     reporter = _reporter()
     if reporter is not None:
@@ -87,7 +87,7 @@ def harness_job_finished(job: Any, record: Mapping[str, Any]) -> None:
 
 
 @hookimpl
-def harness_run_finished(records: Sequence[Mapping[str, Any]], interrupted: bool) -> None:
+def harness_run_finished(records: Sequence[Any], interrupted: bool) -> None:
     """Close the runs of jobs that never finished (interrupted): status KILLED."""
     reporter = _state["reporter"]
     if reporter is not None:

@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from harness import Record
+
 #: Longest parameter value logged (MLflow 1.x servers reject longer ones).
 MAX_PARAM_CHARS = 500
 _BATCH = 100
@@ -92,24 +94,27 @@ class MlflowReporter:
         self._params(run_id, params)
         return run_id
 
-    def job_finished(self, job: Any, record: Mapping[str, Any]) -> str:
+    def job_finished(self, job: Any, record: Record) -> str:
         """Log everything the record holds and close the run; returns the run id."""
+        record = Record.from_dict(record)  # a dict from a caller of the 0.2 API
         run_id = self.runs.pop(job, None) or self.job_started(job)
         self.runs.pop(job, None)
-        run_info = record.get("run") or {}
-        params = {f"run.{k}": run_info.get(k) for k in ("dev_run", "weights", "precision", "eval_size", "executor")
-                  if k in run_info}
-        params.update({f"setting.{k}": v for k, v in (record.get("settings") or {}).items()})
+        run = record.run
+        params: dict[str, Any] = {"run.dev_run": run.dev_run, "run.weights": run.weights}
+        params.update({f"run.{name}": value for name, value in
+                       (("precision", run.precision), ("eval_size", run.eval_size), ("executor", run.executor))
+                       if value is not None})
+        params.update({f"setting.{k}": v for k, v in record.settings.items()})
         self._params(run_id, params)
         self._metrics(run_id, record)
         self._tags(run_id, job, record)
-        self.client.log_text(run_id, json.dumps(record, indent=2, allow_nan=False), "record.json")
-        error = record.get("error") or {}
-        if error:
-            text = f"{error.get('phase')}: {error.get('type')}: {error.get('message')}\n\n{error.get('traceback') or ''}"
+        self.client.log_text(run_id, json.dumps(record.to_dict(), indent=2, allow_nan=False), "record.json")
+        error = record.error
+        if error is not None:
+            text = f"{error.phase}: {error.type}: {error.message}\n\n{error.traceback or ''}"
             self.client.log_text(run_id, text, "error.txt")
         self._overlays(run_id, job, record)
-        self.client.set_terminated(run_id, "FINISHED" if record.get("status") == "ok" else "FAILED")
+        self.client.set_terminated(run_id, "FINISHED" if record.ok else "FAILED")
         return run_id
 
     def run_finished(self, interrupted: bool) -> None:
@@ -126,43 +131,43 @@ class MlflowReporter:
         for start in range(0, len(items), _BATCH):
             self.client.log_batch(run_id, params=items[start:start + _BATCH])
 
-    def _metrics(self, run_id: str, record: Mapping[str, Any]) -> None:
+    def _metrics(self, run_id: str, record: Record) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         values: dict[str, float] = {}
-        for name, value in (record.get("mean") or {}).items():
+        for name, value in record.mean.items():
             if _finite(value):
                 values[f"mean/{name}"] = float(value)
-        for category, per in (record.get("metrics") or {}).items():
+        for category, per in record.metrics.items():
             for name, value in (per or {}).items():
                 if _finite(value):
                     values[f"{category}/{name}"] = float(value)
-        for name, value in (record.get("efficiency") or {}).items():
+        for name, value in record.efficiency.figures():
             if _finite(value):
                 values[f"efficiency/{name}"] = float(value)
         items = [Metric(_metric_key(k), v, now, 0) for k, v in values.items()]
         for start in range(0, len(items), 10 * _BATCH):
             self.client.log_batch(run_id, metrics=items[start:start + 10 * _BATCH])
 
-    def _tags(self, run_id: str, job: Any, record: Mapping[str, Any]) -> None:
+    def _tags(self, run_id: str, job: Any, record: Record) -> None:
         from mlflow.entities import RunTag
 
-        environment = record.get("environment") or {}
-        error = record.get("error") or {}
-        tags = {"harness.status": record.get("status"), "harness.version": environment.get("harness"),
-                "harness.git_revision": environment.get("git_revision") or environment.get("git"),
-                "harness.device": (record.get("efficiency") or {}).get("device") or environment.get("device")}
+        environment = record.environment
+        tags = {"harness.status": record.status, "harness.version": environment.harness,
+                # ``git`` is the name records of harness 0.1 used.
+                "harness.git_revision": environment.git_revision or environment.get("git"),
+                "harness.device": record.efficiency.device or environment.device}
         if self.results_dir is not None:
             tags["harness.record"] = str(job.record_path(Path(self.results_dir)))
-        if error:
-            tags.update({"harness.error_phase": error.get("phase"), "harness.error_type": error.get("type")})
+        if record.error is not None:
+            tags.update({"harness.error_phase": record.error.phase, "harness.error_type": record.error.type})
         items = [RunTag(k, _param_text(v)) for k, v in tags.items() if v is not None]
         self.client.log_batch(run_id, tags=items)
 
-    def _overlays(self, run_id: str, job: Any, record: Mapping[str, Any]) -> None:
+    def _overlays(self, run_id: str, job: Any, record: Record) -> None:
         """The saved sample maps as overlay PNGs under ``overlays/<category>/``."""
-        if self.results_dir is None or record.get("status") != "ok":
+        if self.results_dir is None or not record.ok:
             return
         from harness.results.report.maps import SavedMapsError, read_sample
         from harness.results.report.overlay import overlay, save_png

@@ -281,7 +281,7 @@ class Driver:
                     payload.get("worker", {}))
 
     def _write(self, flight: _Flight, ref: Any, record: Any, message: str, worker: Mapping[str, Any]) -> None:
-        record.run["ray"] = {"attempts": flight.attempt, "retried_after": list(flight.retried_after),
+        record.run.extra["ray"] = {"attempts": flight.attempt, "retried_after": list(flight.retried_after),
                              "resources": dict(flight.request), **dict(worker)}
         self.flights.pop(ref, None)
         try:

@@ -104,7 +104,8 @@ def _run_here(job: Job, options: RunOptions, plugins: Sequence[tuple[str, str]],
                           "message": f"on worker {worker['host']}: {exc}", "traceback": traceback.format_exc()},
                 "message": f"plan on worker {worker['host']}: {type(exc).__name__}: {exc}"}
     outcome = JobRunner(quiet, here).run_job(planned)
-    return {"record": outcome.record, "status": outcome.status, "message": outcome.message, "problems": problems,
+    record = outcome.record.to_dict() if outcome.record is not None else None
+    return {"record": record, "status": outcome.status, "message": outcome.message, "problems": problems,
             "worker": facts, "artifacts": collect_artifacts(planned.record_path)}
 
 
