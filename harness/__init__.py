@@ -16,7 +16,7 @@ export); :mod:`harness.metrics` is the metric engine. Paths that moved keep work
 
 from __future__ import annotations
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 from harness import _compat  # noqa: E402
 
@@ -26,7 +26,8 @@ from harness.data import CategoryData, DatasetIndex, MaskChannel, Sample, TrainS
 from harness.errors import (DatasetError, HarnessError, MethodOutputError, WeightsNotFoundError,  # noqa: E402
                             WeightsVerifyError)
 from harness.hookspecs import hookimpl  # noqa: E402
-from harness.method import FitContext, Method, Prediction  # noqa: E402
+from harness.method import (Checkpointing, FitContext, Method, Prediction, ProgressReporter,  # noqa: E402
+                            StagePosition, WeightFinder)
 from harness.settings import Setting, Settings, SettingsSchema  # noqa: E402
 from harness.engine.jobs import Job  # noqa: E402
 from harness.results.record_parts import Efficiency, Environment, ErrorInfo, RunInfo, WeightUse  # noqa: E402
@@ -35,7 +36,8 @@ from harness.specs import (DataNeed, DatasetSpec, EvalGrid, ExecutorSpec, Method
                            Resources, WeightFile)
 
 __all__ = [
-    "__version__", "hookimpl", "Method", "Prediction", "FitContext", "MethodSpec", "DatasetSpec", "MetricSpec",
+    "__version__", "hookimpl", "Method", "Prediction", "FitContext", "WeightFinder", "Checkpointing", "StagePosition",
+    "ProgressReporter", "MethodSpec", "DatasetSpec", "MetricSpec",
     "ExecutorSpec", "DataNeed", "EvalGrid", "PaperRef", "Resources", "WeightFile", "Setting", "Settings", "SettingsSchema", "Sample",
     "MaskChannel",
     "CategoryData", "DatasetIndex", "TrainSet", "read_image", "read_mask", "DatasetError", "HarnessError",

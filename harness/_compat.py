@@ -26,9 +26,9 @@ from types import ModuleType
 __all__ = ["MOVED", "install"]
 
 _ENGINE = ("options", "jobs", "registry", "protocols", "planning", "preflight", "weights", "runner", "outcomes",
-           "fitting", "recording", "unscored", "dataset_summary")
-_INFERENCE = ("evaluation", "acceleration", "efficiency", "flops")
-_SUPPORT = ("checkpoint", "locks", "signals", "progress", "environment", "fsutil", "state_io")
+           "fitting", "recording")
+_INFERENCE = ("evaluation", "acceleration", "efficiency", "flops", "unscored")
+_SUPPORT = ("checkpoint", "locks", "signals", "progress", "environment", "fsutil", "state_io", "dataset_summary")
 _RESULTS = ("records", "leaderboard", "paper_tables", "reported", "export", "evaluate_maps")
 _REPORT = ("commands", "export", "figures", "html", "maps", "overlay")
 
@@ -48,6 +48,9 @@ MOVED: dict[str, str] = {
     "harness.executors.inprocess": "harness.engine.executors.inprocess",
     "harness.executors.ray": "harness.engine.executors.ray",
     "harness.report": "harness.results.report",
+    # 0.3 -> 0.4: two engine modules into the sub-folders of their stage.
+    "harness.engine.unscored": "harness.engine.inference.unscored",
+    "harness.engine.dataset_summary": "harness.engine.support.dataset_summary",
     **{f"harness.report.{name}": f"harness.results.report.{name}" for name in _REPORT},
 }
 

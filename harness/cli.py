@@ -336,7 +336,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 def cmd_data_summary(args: argparse.Namespace) -> int:
     """``harness data summary``: what the loader found, per category, and every problem."""
-    from harness.engine.dataset_summary import format_summary, summarize
+    from harness.engine.support.dataset_summary import format_summary, summarize
     from harness.engine.registry import load_registry
 
     spec = load_registry().dataset(args.dataset)

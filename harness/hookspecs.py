@@ -125,8 +125,8 @@ def harness_job_finished(job: "Job", record: "Record") -> None:
         The job's key.
     record : Record
         The record as written to disk (see :mod:`harness.results.records`): status, metrics per
-        category, typed efficiency figures, run information, environment, error if any. Until
-        harness 0.3 this was the record's JSON dict; ``record["status"]`` and ``record.get("run")``
+        category, typed efficiency figures, run information, environment, error if any. In
+        harness 0.3 and earlier this was the record's JSON dict; ``record["status"]`` and ``record.get("run")``
         still give the JSON form, with a ``DeprecationWarning`` naming the attribute to read
         instead (``record.status``, ``record.run``), and ``record.to_dict()`` gives all of it.
     """

@@ -26,7 +26,8 @@ import hashlib
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Iterator, Mapping, Protocol, Sequence, \
+    runtime_checkable
 
 import numpy as np
 import torch
@@ -35,10 +36,8 @@ from harness.settings import Settings
 
 if TYPE_CHECKING:  # pragma: no cover
     from harness.data import TrainSet
-    from harness.engine.support.progress import Progress
-    from harness.engine.support.checkpoint import TrainingCheckpoint
+    from harness.specs import WeightFile
     from harness.toolkit.pseudo_validation import PseudoValidationSet
-    from harness.engine.weights import WeightsResolver
 
 
 @dataclass
@@ -58,6 +57,77 @@ class Prediction:
     image_scores: Any
 
 
+# -- what FitContext hands a method: narrow interfaces, implemented by the engine -------------------
+
+@runtime_checkable
+class WeightFinder(Protocol):
+    """``context.weights``: pinned files found on disk (never downloaded), each remembered with its
+    sha256 for the job's record (the engine's :class:`~harness.engine.weights.WeightsResolver`)."""
+
+    def resolve(self, file: "WeightFile", settings: Mapping[str, Any] | None = None) -> Path:
+        """The path of ``file`` (its ``setting`` may name one explicitly); raises
+        :class:`harness.WeightsNotFoundError` naming where it looked and ``harness weights pull``."""
+        ...
+
+    def note_used(self, path: Path, what: str, key: str = "") -> str:
+        """Remember a file the method read by other means (an authors' checkpoint); its sha256."""
+        ...
+
+
+@runtime_checkable
+class StagePosition(Protocol):
+    """Where a checkpointed stage continues (``with context.checkpoint.stage(...) as position``).
+
+    ``done``: the stage finished before an interruption (its loops should not run); ``epoch``,
+    ``batch``: where to continue; ``steps``: optimiser steps made; ``extra``: JSON values and
+    tensors kept with the checkpoint.
+    """
+
+    done: bool
+    epoch: int
+    batch: int
+    steps: int
+    extra: dict[str, Any]
+
+    def skip(self, epoch: int, index: int) -> bool:
+        """Whether batch ``index`` of ``epoch`` was consumed before the interruption."""
+        ...
+
+    def step(self, *, epoch: int, batch: int) -> None:
+        """Record one optimiser step after ``batch`` batches of ``epoch`` (saves when one is due)."""
+        ...
+
+    def save(self) -> None:
+        """Write a checkpoint now."""
+        ...
+
+
+@runtime_checkable
+class Checkpointing(Protocol):
+    """``context.checkpoint``: mid-fit checkpoints, one stage at a time (the engine's
+    :class:`~harness.engine.support.checkpoint.TrainingCheckpoint`)."""
+
+    def stage(self, name: str, **objects: Any) -> ContextManager[StagePosition]:
+        """Run stage ``name`` with ``objects`` (modules, optimisers, schedulers, scalers, generators:
+        anything with ``state_dict``/``load_state_dict``) saved and, after a kill, restored."""
+        ...
+
+
+@runtime_checkable
+class ProgressReporter(Protocol):
+    """``context.progress``: progress bars for a fit's loops (the engine's
+    :class:`~harness.engine.support.progress.Progress`, silent when ``--no-progress``)."""
+
+    def iterate(self, iterable: Iterable[Any], total: int | None = None, desc: str = "",
+                unit: str = "it") -> Iterator[Any]:
+        """``iterable``, shown as it is consumed."""
+        ...
+
+    def epochs(self, n: int, desc: str = "epochs") -> Iterator[int]:
+        """``range(n)``, shown as epochs."""
+        ...
+
+
 @dataclass
 class FitContext:
     """Everything ``fit`` may use besides the training images. It never contains test data.
@@ -74,10 +144,10 @@ class FitContext:
         The resolved, typed settings (profile plus user overrides).
     cache_dir : Path
         A directory private to this job and fit unit for intermediate files.
-    weights : WeightsResolver
+    weights : WeightFinder
         Finds pretrained weights on disk (never downloads) and remembers each file it found, with
         its sha256, for the record.
-    progress : Progress
+    progress : ProgressReporter
         Progress reporting for epochs and steps.
     pseudo_validation : callable
         ``pseudo_validation(n=8, seed=None) -> PseudoValidationSet``: synthetic anomalies made
@@ -87,7 +157,7 @@ class FitContext:
     info : dict
         Facts the method wants in the job's record (chosen hyperparameters, whether a backbone
         was randomly initialised, ...). Values must be JSON-serialisable.
-    checkpoint : TrainingCheckpoint
+    checkpoint : Checkpointing
         Mid-fit checkpoints: wrap each training stage in ``context.checkpoint.stage(...)``
         (:mod:`harness.engine.support.checkpoint`) so that a killed fit resumes where it stopped.
     fast_dev_run : bool
@@ -109,11 +179,11 @@ class FitContext:
     profile: str
     settings: Mapping[str, Any]
     cache_dir: Path
-    weights: "WeightsResolver"
-    progress: "Progress"
+    weights: WeightFinder
+    progress: ProgressReporter
     pseudo_validation: Callable[..., "PseudoValidationSet"] | None = None
     info: dict[str, Any] = field(default_factory=dict)
-    checkpoint: "TrainingCheckpoint | None" = None
+    checkpoint: Checkpointing | None = None
     fast_dev_run: bool = False
     random_weights: bool = False
     textures: frozenset[str] = frozenset()

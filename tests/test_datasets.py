@@ -19,7 +19,7 @@ import dataset_fixtures as F  # noqa: E402
 from harness_benchmarks import dagm, folder, medical, mpdd, mvtec, mvtec3d, visa  # noqa: E402
 
 from harness import read_image, read_mask  # noqa: E402
-from harness.engine.dataset_summary import summarize  # noqa: E402
+from harness.engine.support.dataset_summary import summarize  # noqa: E402
 from harness.errors import DatasetError  # noqa: E402
 from harness.engine.registry import load_registry  # noqa: E402
 

@@ -582,6 +582,7 @@ def test_kl_f8_archive_is_read_through_its_model_ckpt(tmp_path):
 def test_the_discriminator_starts_from_the_checkpoint_and_lpips_drops_out(tmp_path, monkeypatch, disc_init):
     """kl-f8 loaded non-strictly fills the authors' loss module: the discriminator starts trained; LPIPS in train mode."""
     import harness_diad.model as model_module
+    from harness_diad.weights import lpips_vgg
 
     path = tmp_path / "kl-f8.ckpt"
     _, disc = _lightning_autoencoder_ckpt(path, seed=7)
@@ -589,7 +590,7 @@ def test_the_discriminator_starts_from_the_checkpoint_and_lpips_drops_out(tmp_pa
 
     def recording_lpips(self, context):
         # LPIPS with random trunk and heads (no VGG-16 file here), recording its mode when it runs.
-        module = model_module.lpips_vgg(None, pretrained_heads=False)
+        module = lpips_vgg(None, pretrained_heads=False)
         module.register_forward_pre_hook(lambda m, _: seen.setdefault("lpips_training", m.training) and None)
         return module
 

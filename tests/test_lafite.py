@@ -23,6 +23,7 @@ from harness.toolkit.pseudo_validation import (make_pseudo_validation, rotate_ma
                                                synthesize_anomaly)
 from harness.toolkit.scoring import pooled_max
 from harness_lafite import model as lafite_model
+from harness_lafite import training as lafite_training
 from harness_lafite.diffusion import build_noise_schedule, ddim_update, reconstruct, reverse_timesteps
 from harness_lafite.editing import edit_features, editing_weights
 from harness_lafite.model import LafitE
@@ -480,7 +481,8 @@ def test_an_interrupted_fit_resumes_to_identical_predictions(tmp_path, monkeypat
 
     calls = {"n": 0}
     target = "diffusion_loss" if where == "unet" else "reconstruct"
-    original = getattr(lafite_model, target)
+    module = lafite_training if where == "unet" else lafite_model  # where each is looked up
+    original = getattr(module, target)
     crash_at = 4 if where == "unet" else 3  # the U-Net: epoch 1 (2 batches per epoch); selection: candidate 3
 
     def crashing(*args, **kwargs):
@@ -489,10 +491,10 @@ def test_an_interrupted_fit_resumes_to_identical_predictions(tmp_path, monkeypat
             raise RuntimeError("simulated crash")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(lafite_model, target, crashing)
+    monkeypatch.setattr(module, target, crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _fit(settings, tmp_path / "interrupted", checkpoint_interval=0)
-    monkeypatch.setattr(lafite_model, target, original)
+    monkeypatch.setattr(module, target, original)
     torch.manual_seed(1234)  # a different global state: the resume must not depend on it
     train, *_ = _toy()
     resumed = LafitE(settings).to("cpu")

@@ -160,7 +160,7 @@ def test_run_passes_data_options_to_the_loader(tmp_path, run_options, monkeypatc
 
 
 def test_a_forced_rerun_leaves_no_stale_private_map(tmp_path, run_options):
-    from harness.engine.unscored import unscored_folder
+    from harness.engine.inference.unscored import unscored_folder
 
     root, outcome = _run(tmp_path, run_options, "mvtec_ad2", mvtec_ad2, R.build_mvtec_ad2)
     stale = unscored_folder(outcome.record_path) / "anomaly_images" / "can" / "test_private" / "gone.tiff"

@@ -82,7 +82,7 @@ def test_a_record_whose_job_is_garbled_is_damaged_and_named(tmp_path):
 def test_a_hook_written_against_dict_records_keeps_working_and_is_told_what_to_change():
     record = Record.from_dict(sample_record("padim", 0, 0.9))
 
-    def old_hook(job, record):  # as a harness 0.2 plugin wrote it
+    def old_hook(job, record):  # as a harness 0.3 plugin wrote it
         return record["status"], record.get("run")["dev_run"], json.dumps(dict(record))
 
     with pytest.warns(DeprecationWarning, match=r"record\.status"):

@@ -74,13 +74,13 @@ class PreflightReport:
 
 
 def check_data(samples: Iterable[Sample], threads: int | None = None) -> tuple[list[str], int]:
-    """Check every image and mask file of ``samples`` (:func:`harness.engine.dataset_summary.check_files`).
+    """Check every image and mask file of ``samples`` (:func:`harness.engine.support.dataset_summary.check_files`).
 
     Returns
     -------
     (problems, files checked)
     """
-    from harness.engine.dataset_summary import check_files, source_path
+    from harness.engine.support.dataset_summary import check_files, source_path
 
     unique = list({s.key: s for s in samples}.values())
     files = [s for s in unique if source_path(s.image) is not None or source_path(s.mask) is not None]

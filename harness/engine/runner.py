@@ -169,7 +169,7 @@ class JobRunner:
                               self.options.latency_repeats, sinks, grid=planned.grid, seed=planned.job.seed,
                               min_calls=self.options.min_timed_calls)
         if planned.unscored:
-            from harness.engine.unscored import reset_unscored
+            from harness.engine.inference.unscored import reset_unscored
 
             reset_unscored(planned.record_path)
         try:
@@ -199,7 +199,7 @@ class JobRunner:
                 record.metrics.update(evaluator.evaluate(method, tests, planned.job.method, thresholds))
                 unscored = {c: planned.unscored[c] for c in unit.test_categories if c in planned.unscored}
                 if unscored:
-                    from harness.engine.unscored import add_unscored, write_unscored
+                    from harness.engine.inference.unscored import add_unscored, write_unscored
 
                     add_unscored(record.artifacts, write_unscored(evaluator, method, unscored, thresholds,
                                                                   planned.record_path))

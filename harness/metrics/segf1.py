@@ -11,7 +11,7 @@ Definition
   images of the category (normal images included), ``SegF1 = 2 TP / (2 TP + FP + FN)``.
 
 The private test sets are scored by MVTec's server from the thresholded maps the harness writes
-with the same ``t`` (see :mod:`harness.engine.unscored`); locally only ``test_public`` is scored.
+with the same ``t`` (see :mod:`harness.engine.inference.unscored`); locally only ``test_public`` is scored.
 """
 
 from __future__ import annotations

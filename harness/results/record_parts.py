@@ -8,7 +8,7 @@ writing a record never loses anything. A field that was never given is left out 
 set to ``None`` is written as null (``limit_share: null``: the device's limit is unknown).
 
 A part is also a mapping of its JSON form (``part["fps"]``, ``part.get("fps")``,
-``part.update(...)``), because the records of harness 0.2 were plain dicts and plugins written
+``part.update(...)``), because the records of harness 0.3 and earlier were plain dicts and plugins written
 against them (a ``harness_job_finished`` hook reading ``record["run"]["dev_run"]``) keep working.
 Code in this project reads the attributes.
 """

@@ -77,7 +77,7 @@ class Record:
     :attr:`run`, :attr:`efficiency`, :attr:`environment`, :attr:`error` and :attr:`weights` are the
     dataclasses of :mod:`harness.results.record_parts`. Plain dicts given to the constructor are
     converted. Reading a record by key (``record["status"]``) gives its JSON form, as the dict
-    records of harness 0.2 did; it is deprecated in favour of the attributes.
+    records of harness 0.3 did; it is deprecated in favour of the attributes.
     """
 
     job: Job
@@ -148,7 +148,7 @@ class Record:
         values["weights"] = list(values.get("weights") or [])
         return cls(**values)
 
-    # -- the JSON form by key, for hooks written against the dict records of harness 0.2 -------------
+    # -- the JSON form by key, for hooks written against the dict records of harness 0.3 -------------
     def __getitem__(self, key: str) -> Any:
         warnings.warn(f"reading a record by key (record[{key!r}]) is deprecated: read the typed attribute "
                       f"record.{key} (or record.to_dict()[{key!r}] for the JSON form)", DeprecationWarning,

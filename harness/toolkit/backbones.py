@@ -2,8 +2,8 @@
 
 Methods build backbones with ``pretrained=False`` in their factory (so ``harness describe`` can
 build them on the meta device) and, in ``fit``, load the file their spec declares with
-:func:`load_weights` (a :class:`harness.WeightFile` resolved through
-:class:`harness.engine.weights.WeightsResolver`; nothing is downloaded). :func:`read_state` reads
+:func:`load_weights` (a :class:`harness.WeightFile` resolved through the job's
+:class:`harness.WeightFinder`, ``context.weights``; nothing is downloaded). :func:`read_state` reads
 safetensors files directly and PyTorch files only with ``torch.load(weights_only=True)``, which
 cannot run code. A randomly initialised backbone gets its BatchNorm statistics re-estimated on
 the training images (:func:`recalibrate_batchnorm`).
@@ -18,9 +18,10 @@ import timm
 import torch
 
 from harness.errors import WeightsNotFoundError
-from harness.engine.weights import WeightsResolver
+from harness.method import WeightFinder
 
 if TYPE_CHECKING:  # pragma: no cover
+    from harness.engine.weights import WeightsResolver
     from harness.specs import WeightFile
 
 #: File names under which users commonly have each backbone's ImageNet weights, and the timm
@@ -65,14 +66,16 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def find_weights(name: str, weights: WeightsResolver, file: str | None = None) -> Path:
+def find_weights(name: str, weights: "WeightsResolver", file: str | None = None) -> Path:
     """Where the ImageNet weights of backbone ``name`` are on disk.
 
     Parameters
     ----------
     name : str
         timm model name.
-    weights : WeightsResolver
+    weights : harness.engine.weights.WeightsResolver
+        The engine's resolver (searching by file name is wider than :class:`harness.WeightFinder`;
+        kept for plugins of the first API, which named backbones instead of declaring files).
     file : str, optional
         An explicit file (a setting), tried first.
 
@@ -91,7 +94,7 @@ def find_weights(name: str, weights: WeightsResolver, file: str | None = None) -
             raise first from None
 
 
-def load_pretrained(model: torch.nn.Module, name: str, weights: WeightsResolver, file: str | None = None) -> Path:
+def load_pretrained(model: torch.nn.Module, name: str, weights: "WeightsResolver", file: str | None = None) -> Path:
     """Load ImageNet weights into a backbone built by :func:`create_features` (or a full model).
 
     Classifier weights in the file are ignored; every parameter of ``model`` must be found,
@@ -111,7 +114,7 @@ def load_pretrained(model: torch.nn.Module, name: str, weights: WeightsResolver,
     return path
 
 
-def load_weights(model: torch.nn.Module, file: "WeightFile", weights: WeightsResolver, settings=None,
+def load_weights(model: torch.nn.Module, file: "WeightFile", weights: WeightFinder, settings=None,
                  prefix: str = "") -> Path:
     """Resolve a declared weight file and load it into ``model`` (every parameter must be found).
 
@@ -120,7 +123,7 @@ def load_weights(model: torch.nn.Module, file: "WeightFile", weights: WeightsRes
     model : torch.nn.Module
     file : harness.WeightFile
         The file the method's spec declares (its ``setting`` may name an explicit path).
-    weights : WeightsResolver
+    weights : harness.WeightFinder
         The job's resolver (``context.weights``); it remembers the file and its sha256.
     settings : mapping, optional
         The job's settings (for the explicit path).

@@ -4,7 +4,7 @@ A method keeps what is its own (the loss, the data of a batch, its optimisers an
 leaves the bookkeeping to two functions:
 
 - :func:`train_batches` walks the epochs and batches of a checkpointed stage still to run: it
-  starts where the stage's :class:`~harness.engine.support.checkpoint.Position` says (a resumed
+  starts where the stage's :class:`harness.StagePosition` says (a resumed
   fit skips what it consumed), shows the epochs' progress, records each optimiser step in the
   position (which saves a checkpoint when one is due) and ends the stage after a few steps in a
   fast dev run;
@@ -25,9 +25,12 @@ the next batch is asked for.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from harness.method import FitContext, StagePosition
 
 __all__ = ["TrainStep", "train_batches", "optimiser_step", "cycle_ends"]
 
@@ -58,7 +61,7 @@ def cycle_ends(n_batches: int, accumulate: int, index: int) -> bool:
     return (index + 1) % max(int(accumulate), 1) == 0 or index + 1 == n_batches
 
 
-def train_batches(context: Any, position: Any, epochs: int,
+def train_batches(context: "FitContext", position: "StagePosition", epochs: int,
                   epoch_batches: Callable[[int, int], Iterable[tuple[int, Any]]], *, accumulate: int = 1,
                   n_batches: Callable[[int], int] | None = None, desc: str = "epochs",
                   on_epoch_end: Callable[[int], None] | None = None) -> Iterator[TrainStep]:
@@ -68,7 +71,7 @@ def train_batches(context: Any, position: Any, epochs: int,
     ----------
     context : FitContext
         ``progress`` shows the epochs; ``stop_early`` ends a fast dev run.
-    position : Position
+    position : harness.StagePosition
         The stage's position (``context.checkpoint.stage(...)``); each optimiser step is recorded in it.
     epochs : int
         Epochs of the stage (``context.epochs(n)`` already applied).

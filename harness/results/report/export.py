@@ -61,7 +61,7 @@ class ExportedRecord:
     eval_size: int | str = "native"
     dataset: str = ""
     #: Maps of test images without public ground truth, per category (MVTec AD 2's private sets),
-    #: copied into ``folder`` in the layout of MVTec's evaluation server (:mod:`harness.engine.unscored`).
+    #: copied into ``folder`` in the layout of MVTec's evaluation server (:mod:`harness.engine.inference.unscored`).
     unscored: dict[str, int] = field(default_factory=dict)
 
     def evaluate_command(self) -> str:
@@ -154,7 +154,7 @@ def _copy_unscored(record_path: Path, record: Record, out: Path) -> dict[str, in
     """Copy a record's unscored maps (server layout) into ``out``; their counts per category."""
     import shutil
 
-    from harness.engine.unscored import unscored_folder
+    from harness.engine.inference.unscored import unscored_folder
 
     info = _unscored(record)
     if not info:

@@ -1,6 +1,6 @@
 """What the adapter does differently for some models, kept apart from the generic path.
 
-- pretrained files: resolved through the job's :class:`harness.engine.weights.WeightsResolver` (never
+- pretrained files: resolved through the job's :class:`harness.WeightFinder`, ``context.weights`` (never
   downloaded), handed to :func:`harness_anomalib.offline.weights_from_disk` by timm name or
   torchvision file name; DSR's VQ model and EfficientAD's teacher, which anomalib fetches in
   ``on_train_start``, are read from the declared file instead (random in ``tiny``).

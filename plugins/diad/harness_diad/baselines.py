@@ -48,7 +48,9 @@ from harness.toolkit.precision import autocast, grad_scaler
 from harness.toolkit.training import optimiser_step, train_batches
 from harness.toolkit.scoring import pooled_max
 from harness_diad import weightfiles
-from harness_diad.model import DiAD, _order, _seeded
+from harness_diad.initialisation import seeded_build
+from harness_diad.model import DiAD
+from harness_diad.training import epoch_order
 from harness_diad.networks import freeze_unet_encoder, trained_unet_parts
 from harness_diad.schedule import NoiseSchedule
 from harness_diad.scoring import feature_distance_map
@@ -138,7 +140,7 @@ class DDPMBaseline(Method):
         """Seeded random U-Net (DDPM trains from scratch), the scoring backbone, then the epsilon loss."""
         s = self.settings
         start = time.perf_counter()
-        self.unet.load_state_dict(_seeded(context.seed, lambda: UNet2DModel(**self.config)).state_dict())
+        self.unet.load_state_dict(seeded_build(context.seed, lambda: UNet2DModel(**self.config)).state_dict())
         self._initialise_backbone(train, context)
         self.to(self.device)
         info = self.train_denoiser(train, context)
@@ -154,7 +156,7 @@ class DDPMBaseline(Method):
             path = load_weights(self.backbone, weightfiles.backbone_file(s), context.weights, s)
             context.info.update({"backbone_init": "imagenet", "backbone_weights": str(path)})
             return
-        self.backbone.load_state_dict(_seeded(context.seed, lambda: create_features(s.backbone, s.backbone_layers))
+        self.backbone.load_state_dict(seeded_build(context.seed, lambda: create_features(s.backbone, s.backbone_layers))
                                       .state_dict())
         self.backbone.to(self.device)
         recalibrate_batchnorm(self.backbone, (imagenet_normalize(x.to(self.device))
@@ -178,7 +180,7 @@ class DDPMBaseline(Method):
         with context.checkpoint.stage("denoiser", unet=self.unet, dn_optimiser=opt, dn_scaler=scaler,
                                       dn_generator=gen) as position:
             def epoch_batches(epoch: int, first: int):
-                order = _order(len(train), context.seed, 2, epoch)
+                order = epoch_order(len(train), context.seed, 2, epoch)
                 return ((index, order[index * batch:(index + 1) * batch]) for index in range(n_batches))
 
             for step in train_batches(context, position, epochs, epoch_batches, accumulate=accumulate,

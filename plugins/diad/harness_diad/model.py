@@ -57,47 +57,28 @@ Files in the authors' formats
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from harness import FitContext, Method, Prediction, TrainSet, WeightsNotFoundError
-from harness.toolkit.backbones import create_features, load_weights, read_state, recalibrate_batchnorm
+from harness import Method, Prediction
+from harness.toolkit.backbones import create_features
 from harness.toolkit.ops import gaussian_blur, imagenet_normalize
 from harness.toolkit.noise import ImageNoise
-from harness.toolkit.precision import autocast, grad_scaler
-from harness.toolkit.training import cycle_ends, optimiser_step, train_batches
+from harness.toolkit.precision import autocast
 from harness.toolkit.scoring import pooled_max
-from harness.toolkit.weightfiles import sha256_file
-from harness_diad import weightfiles
 from harness_diad.architectures import CLIP_LENGTH, Architecture, architecture
-from harness_diad.convert import check_schedule, convert_authors_state, load_strict, read_checkpoint
-from harness_diad.losses import PatchDiscriminator, adaptive_weight, fast_forward_adam, hinge_d_loss
-from harness_diad.networks import PromptContext, SemanticGuidedNetwork, freeze_unet_encoder, trained_unet_parts
+from harness_diad.initialisation import DiADInitialisation
+from harness_diad.networks import PromptContext, SemanticGuidedNetwork
 from harness_diad.schedule import DDIMPlan, NoiseSchedule
 from harness_diad.scoring import feature_distance_map
-from harness_diad.weights import empty_prompt_context, lpips_vgg, random_text_encoder, read_sd, text_encoder
+from harness_diad.training import DiADTraining
 
 NORMALIZATIONS = ("imagenet", "symmetric")
 
 
-def _seeded(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        return build()
-
-
-def _order(n: int, seed: int, stage: int, epoch: int) -> np.ndarray:
-    """The shuffled order of ``n`` images in ``epoch`` of ``stage``: a function of (seed, stage, epoch) only."""
-    return np.random.default_rng([int(seed), int(stage), int(epoch)]).permutation(n)
-
-
-class DiAD(Method):
+class DiAD(DiADInitialisation, DiADTraining, Method):
     """DiAD (He et al., AAAI 2024): SD v1.5 with a Semantic-Guided network for multi-class AD.
 
     See the module docstring; settings are declared in :data:`harness_diad.plugin.SETTINGS`.
@@ -184,276 +165,6 @@ class DiAD(Method):
         down, mid = self.sg(latents, hint, t, ctx, only_mid_control)
         return self.unet(latents, t, encoder_hidden_states=ctx, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid).sample
-
-    # ------------------------------------------------------------------ fit
-
-    def fit(self, train: TrainSet, context: FitContext) -> None:
-        """Load or initialise the networks, fine-tune the autoencoder, then train the denoiser."""
-        s = self.settings
-        start = time.perf_counter()
-        self._initialise(train, context)
-        info: dict[str, Any] = {}
-        if s.get("authors_checkpoint") and not context.random_weights:
-            info["trained"] = "no: the authors' checkpoint is scored as it is"
-        else:
-            info.update(self.finetune_autoencoder(train, context))
-            info.update(self.train_denoiser(train, context))
-        self.eval()
-        info.update({"train_seconds": round(time.perf_counter() - start, 2), "ddim_steps": s.ddim_steps,
-                     "noise_step": self.ddim.noise_step, "ddim_timesteps": list(self.ddim.timesteps),
-                     "classifier_free_guidance": "omitted (empty prompt on both sides: a no-op)",
-                     "checkpoint_selection": "final epoch (the authors select on the test set every 25 epochs)"})
-        context.info.update(info)
-
-    def _initialise(self, train: TrainSet, context: FitContext) -> None:
-        """The networks' starting weights: the authors' checkpoint, SD v1.5 or seeded random ones."""
-        s = self.settings
-        info = context.info
-        random = context.random_weights
-        seed = int(context.seed)
-        if s.get("authors_checkpoint") and not random:
-            path = context.weights.resolve(weightfiles.authors_file(s), s)
-            self.load_authors_checkpoint(path)
-            info.update({"init": "authors_checkpoint", "authors_checkpoint": str(path)})
-        else:
-            if s.sd_pretrained and not random:
-                path = context.weights.resolve(weightfiles.sd_file(s), s)
-                weights = read_sd(path, self.arch)
-                if weights.schedule:
-                    check_schedule(weights.schedule, self.schedule.alphas_cumprod64, str(path))
-                load_strict(self.unet, weights.unet, f"{path} (UNet)")
-                load_strict(self.vae, weights.vae, f"{path} (autoencoder)")
-                text = weights.text_encoder
-                info.update({"sd_init": "pretrained", "sd_weights": str(path), "sd_layout": weights.layout,
-                             "sd_unet_weights": "non-EMA (as the authors' build_model.py)"
-                             if weights.layout == "single_file" else "the diffusers folder's (EMA)"})
-            else:
-                self.unet.load_state_dict(_seeded(seed, lambda: UNet2DConditionModel(**self.arch.unet)).state_dict())
-                self.vae.load_state_dict(_seeded(seed, lambda: AutoencoderKL(**self.arch.vae)).state_dict())
-                text = random_text_encoder(self.arch, seed)
-                info["sd_init"] = "random"
-            self._ae_loss_state = {}
-            ae_file = weightfiles.ae_init_file(s)
-            if ae_file is not None and not random and (s.ae_init_path or s.sd_pretrained):
-                path = context.weights.resolve(ae_file, s)
-                converted = convert_authors_state(read_checkpoint(path), self.arch)
-                load_strict(self.vae, converted.vae, f"{path} (autoencoder)")
-                # The authors' strict=False load also fills their loss module (discriminator, LPIPS, logvar).
-                self._ae_loss_state = converted.loss
-                info.update({"ae_init": str(path), "ae_init_loss_tensors": len(converted.loss)})
-            else:
-                info["ae_init"] = "the SD autoencoder above" if not random else "random"
-            if self.sg is not None:  # the LDM baseline (harness_diad.baselines) has none
-                # The authors' build_model.py: the SG copy starts from SD's encoder; the rest is new.
-                self.sg.reset_new_parts(seed)
-                self.sg.copy_unet_encoder(self.unet)
-            self.context.embedding.copy_(empty_prompt_context(text).to(self.context.embedding))
-            del text
-        self._initialise_backbone(train, context)
-        self.to(self.device)
-
-    def load_authors_checkpoint(self, path: Path | str, state: Mapping[str, torch.Tensor] | None = None) -> None:
-        """Load a checkpoint of the authors' code (UNet, SG network, autoencoder, text encoder) strictly.
-
-        ``state`` may be given already read (the golden tests); the prompt context is computed
-        from the checkpoint's CLIP text encoder when it has one.
-        """
-        converted = convert_authors_state(read_checkpoint(path) if state is None else state, self.arch)
-        check_schedule(converted.schedule, self.schedule.alphas_cumprod64, str(path))
-        load_strict(self.unet, converted.unet, f"{path} (model.diffusion_model: UNet)")
-        load_strict(self.sg.controlnet, converted.controlnet, f"{path} (control_model: SG network)")
-        load_strict(self.sg.sff, converted.sff, f"{path} (control_model.down*: SFF block)")
-        load_strict(self.vae, converted.vae, f"{path} (first_stage_model: autoencoder)")
-        if converted.text_encoder is not None:
-            self.context.embedding.copy_(empty_prompt_context(text_encoder(self.arch, converted)))
-        elif self.arch.text_encoder is not None:
-            raise WeightsNotFoundError(f"{path} holds no CLIP text encoder (cond_stage_model.transformer.*), which "
-                                       "gives the empty prompt's context")
-
-    def _initialise_backbone(self, train: TrainSet, context: FitContext) -> None:
-        s = self.settings
-        if s.backbone_pretrained and not context.random_weights:
-            path = load_weights(self.backbone, weightfiles.backbone_file(s), context.weights, s)
-            context.info.update({"backbone_init": "imagenet", "backbone_weights": str(path)})
-            return
-        self.backbone.load_state_dict(_seeded(context.seed, lambda: create_features(s.backbone, s.backbone_layers))
-                                      .state_dict())
-        self.backbone.to(self.device)
-        recalibrate_batchnorm(self.backbone, (imagenet_normalize(x.to(self.device))
-                                              for x, _ in train.batches(s.train_batch_size)))
-        context.info["backbone_init"] = "random (BatchNorm statistics re-estimated on the training images)"
-
-    def _batch(self, train: TrainSet, idx: np.ndarray) -> torch.Tensor:
-        return torch.stack([train[int(i)][0] for i in idx]).to(self.device)
-
-    def _lpips(self, context: FitContext) -> torch.nn.Module | None:
-        """LPIPS-VGG for the autoencoder loss (None if unused); VGG-16 read from disk unless random."""
-        s = self.settings
-        if s.ae_perceptual_weight <= 0:
-            return None
-        if context.random_weights:
-            return lpips_vgg(None, pretrained_heads=False).to(self.device)
-        path = context.weights.resolve(weightfiles.VGG16, s)
-        digest = sha256_file(path)
-        if not digest.startswith(weightfiles.VGG16_SHA256_PREFIX):
-            raise WeightsNotFoundError(f"{path} has sha256 {digest}, not torchvision's VGG-16 "
-                                       f"({weightfiles.VGG16_SHA256_PREFIX}...)")
-        return lpips_vgg(read_state(path)).to(self.device)
-
-    def finetune_autoencoder(self, train: TrainSet, context: FitContext) -> dict[str, Any]:
-        """Stage 1: fine-tune the autoencoder on the training images (see :mod:`harness_diad.losses`)."""
-        s = self.settings
-        epochs, accumulate = context.epochs(s.ae_epochs), s.ae_grad_accumulation
-        if epochs <= 0:
-            return {"ae_epochs": 0}
-        perceptual = self._lpips(context)
-        if perceptual is not None and s.ae_lpips_mode == "train":
-            # Lightning's train mode reaches the loss module: LPIPS's dropout is active (parameters stay frozen).
-            perceptual.train()
-        disc = PatchDiscriminator(3, 64, s.ae_disc_layers)
-        disc.initialise(context.seed + 11)
-        disc_start = "fresh (taming's initialisation)"
-        stored = {k.removeprefix("discriminator."): v for k, v in getattr(self, "_ae_loss_state", {}).items()
-                  if k.startswith("discriminator.")}
-        if s.ae_disc_init == "checkpoint" and stored:
-            load_strict(disc, stored, "the starting autoencoder file's loss.discriminator.* tensors")
-            disc_start = "the starting autoencoder file's trained discriminator (loss.discriminator.*)"
-        disc.to(self.device).train()
-        self.vae.train().requires_grad_(True)
-        opt = torch.optim.Adam(self.vae.parameters(), lr=s.ae_lr, betas=(0.5, 0.9))
-        opt_d = torch.optim.Adam(disc.parameters(), lr=s.ae_lr, betas=(0.5, 0.9))
-        scaler = grad_scaler(self.device, s.precision)
-        gen = torch.Generator(device=self.device).manual_seed(int(context.seed) + 1)
-        last_layer = self.vae.decoder.conv_out.weight
-        n_batches = -(-len(train) // s.ae_train_batch_size)
-        last, adversarial_steps = float("nan"), 0
-        with context.checkpoint.stage("autoencoder", vae=self.vae, discriminator=disc, ae_optimiser=opt,
-                                      disc_optimiser=opt_d, ae_scaler=scaler, ae_generator=gen) as position:
-            adversarial_steps = int(position.extra.get("adversarial_steps", 0))
-            stop = False
-            for epoch in context.progress.epochs(epochs, desc="diad autoencoder"):
-                if epoch < position.epoch or stop:
-                    continue
-                order = _order(len(train), context.seed, 1, epoch)
-                for index in range(n_batches):
-                    if position.skip(epoch, index):
-                        continue
-                    adversarial = s.ae_disc_factor > 0 and position.steps >= s.ae_disc_start
-                    x = self.to_pixels(self._batch(train, order[index * s.ae_train_batch_size:
-                                                              (index + 1) * s.ae_train_batch_size]))
-                    with autocast(self.device, s.precision):
-                        posterior = self.vae.encode(x).latent_dist
-                        noise = torch.randn(posterior.mean.shape, generator=gen, device=self.device)
-                        x_hat = self.vae.decode(posterior.mean + posterior.std * noise).sample
-                        rec = (x - x_hat).abs()
-                        if perceptual is not None:
-                            rec = rec + s.ae_perceptual_weight * perceptual(x, x_hat)
-                        nll = rec.sum() / x.shape[0]
-                        loss = nll + s.ae_kl_weight * posterior.kl().sum() / x.shape[0]
-                        if adversarial:
-                            disc.requires_grad_(False)
-                            g_loss = -disc(x_hat).mean()
-                            loss = loss + adaptive_weight(nll, g_loss, last_layer, s.ae_disc_weight) \
-                                * s.ae_disc_factor * g_loss
-                    scaler.scale(loss / accumulate).backward()
-                    if adversarial:
-                        disc.requires_grad_(True)
-                        with autocast(self.device, s.precision):
-                            d_loss = s.ae_disc_factor * hinge_d_loss(disc(x.detach()), disc(x_hat.detach()))
-                        scaler.scale(d_loss / accumulate).backward()
-                    last = float(loss.detach())
-                    if cycle_ends(n_batches, accumulate, index):
-                        scaler.step(opt)
-                        if adversarial:
-                            if not opt_d.state:
-                                # The authors' discriminator Adam has stepped (with zero gradients) every step so far.
-                                fast_forward_adam(opt_d, position.steps)
-                            scaler.step(opt_d)
-                            adversarial_steps += 1
-                        scaler.update()
-                        opt.zero_grad(set_to_none=True)
-                        opt_d.zero_grad(set_to_none=True)
-                        position.extra.update(adversarial_steps=adversarial_steps, final_loss=last)
-                        position.step(epoch=epoch, batch=index + 1)
-                        if context.stop_early(position.steps):
-                            stop = True
-                            break
-            position.extra.update(steps=position.steps, adversarial_steps=adversarial_steps,
-                                  final_loss=position.extra.get("final_loss", last))
-        self.vae.eval().requires_grad_(False)
-        extra = position.extra
-        return {"ae_epochs": epochs, "ae_discriminator_start": disc_start, "ae_lpips_mode": s.ae_lpips_mode,
-                "ae_steps": int(extra.get("steps", position.steps)),
-                "ae_adversarial_steps": int(extra.get("adversarial_steps", 0)), "ae_disc_start": s.ae_disc_start,
-                "ae_final_loss": round(float(extra.get("final_loss", float("nan"))), 4)}
-
-    def train_denoiser(self, train: TrainSet, context: FitContext) -> dict[str, Any]:
-        """Stage 2: train the SG network and the SD decoder on Eq. 6 with the autoencoder frozen."""
-        s = self.settings
-        epochs, accumulate, batch = context.epochs(s.epochs), s.grad_accumulation, s.train_batch_size
-        self.vae.eval().requires_grad_(False)
-        self.backbone.eval().requires_grad_(False)
-        params = self._denoiser_parameters()
-        opt = torch.optim.AdamW(params, lr=s.lr)
-        scaler = grad_scaler(self.device, s.precision)
-        gen = torch.Generator(device=self.device).manual_seed(int(context.seed) + 2)
-        n_batches = -(-len(train) // batch)
-        last = float("nan")
-        # The UNet's frozen parts are rebuilt identically by _initialise; the checkpoint keeps what changes.
-        with context.checkpoint.stage("denoiser", **self._denoiser_state(), vae=self.vae, dn_optimiser=opt,
-                                      dn_scaler=scaler, dn_generator=gen) as position:
-            moments = self._posterior_moments(train) if position.epoch < epochs and not position.done else None
-
-            def epoch_batches(epoch: int, first: int):
-                order = _order(len(train), context.seed, 2, epoch)
-                return ((index, order[index * batch:(index + 1) * batch]) for index in range(n_batches))
-
-            for step in train_batches(context, position, epochs, epoch_batches, accumulate=accumulate,
-                                      n_batches=lambda epoch: n_batches, desc="diad denoiser"):
-                idx = step.data
-                sel = torch.as_tensor(idx, device=self.device)
-                mean, std = moments[0, sel], moments[1, sel]
-                z = (mean + std * torch.randn(mean.shape, generator=gen, device=self.device)) * self.scaling_factor
-                noise = torch.randn(z.shape, generator=gen, device=self.device)
-                t = torch.randint(0, self.schedule.timesteps, (z.shape[0],), generator=gen, device=self.device)
-                z_t = self.schedule.add_noise(z, noise, t)
-                hint = self.to_pixels(self._batch(train, idx))
-                with autocast(self.device, s.precision):
-                    loss = F.mse_loss(self.predict_noise(z_t, t, hint).float(), noise)
-                optimiser_step(loss, [opt], scaler, accumulate=accumulate, boundary=step.boundary)
-                last = float(loss.detach())
-                if step.boundary:
-                    position.extra["final_loss"] = last
-            position.extra.update(steps=position.steps, final_loss=position.extra.get("final_loss", last))
-        self.unet.requires_grad_(False)
-        if self.sg is not None:
-            self.sg.requires_grad_(False)
-        extra = position.extra
-        return {"epochs": epochs, "steps": int(extra.get("steps", position.steps)), "train_batch_size": batch,
-                "grad_accumulation": accumulate, "final_loss": round(float(extra.get("final_loss", float("nan"))), 5)}
-
-    def _denoiser_parameters(self) -> list[torch.nn.Parameter]:
-        """Put the denoiser in train mode and return what stage 2 trains: the SG network and the SD decoder."""
-        params = list(self.sg.parameters()) + freeze_unet_encoder(self.unet)
-        self.sg.train().requires_grad_(True)
-        self.unet.train()
-        return params
-
-    def _denoiser_state(self) -> dict[str, torch.nn.Module]:
-        """The modules stage 2 changes, for its checkpoint (the UNet's frozen parts are rebuilt by ``_initialise``)."""
-        return {"sg": self.sg, "unet_trained": trained_unet_parts(self.unet)}
-
-    @torch.no_grad()
-    def _posterior_moments(self, train: TrainSet) -> torch.Tensor:
-        """(2, N, 4, h, w): posterior mean and std of every training image (the autoencoder is frozen)."""
-        out = []
-        batch = self.settings.train_batch_size
-        for begin in range(0, len(train), batch):
-            x = self.to_pixels(self._batch(train, np.arange(begin, min(begin + batch, len(train)))))
-            with autocast(self.device, self.settings.precision):
-                dist = self.vae.encode(x).latent_dist
-            out.append(torch.stack([dist.mean.float(), dist.std.float()]))
-        return torch.cat(out, dim=1)
 
     # ------------------------------------------------------------------ inference
 

@@ -96,7 +96,7 @@ class MlflowReporter:
 
     def job_finished(self, job: Any, record: Record) -> str:
         """Log everything the record holds and close the run; returns the run id."""
-        record = Record.from_dict(record)  # a dict from a caller of the 0.2 API
+        record = Record.from_dict(record)  # a dict from a caller of the 0.3 API
         run_id = self.runs.pop(job, None) or self.job_started(job)
         self.runs.pop(job, None)
         run = record.run
