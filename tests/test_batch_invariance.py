@@ -38,7 +38,10 @@ MAX_SCALAR_READS = 4
 #: batch the CPU convolution kernels see) changes with the batch; the noise itself is per image.
 #: DiAD: bit-identical noise, but the CPU convolution kernels of its VAE/UNet sum in another order
 #: at another batch size (4.8e-7 on maps of magnitude 2 measured; scores were identical).
-CLOSE = {"anomalysd": 1e-5, "diad": 1e-5}
+#: LafitE: the same on some CPUs (oneDNN picks its convolution kernels by batch size): bit for bit on
+#: AMD Zen machines, 3e-4 on maps of magnitude 2000 (1.5e-7 relative) on a 2-core Xeon with AVX-512.
+#: Tolerances are relative to the largest map value (at least 1).
+CLOSE = {"anomalysd": 1e-5, "diad": 1e-5, "lafite": 1e-5}
 SIZE = 32
 
 
@@ -141,7 +144,8 @@ def test_predictions_do_not_depend_on_the_batch(fitted):
     for sizes in ([2, 2, 2], [4, 2]):
         parts = _predict_in(method, sizes, images, categories, seeds)
         if name in CLOSE:
-            diff = max(float((whole[0] - parts[0]).abs().max()), float((whole[1] - parts[1]).abs().max()))
+            scale = max(1.0, float(whole[0].abs().max()), float(whole[1].abs().max()))
+            diff = max(float((whole[0] - parts[0]).abs().max()), float((whole[1] - parts[1]).abs().max())) / scale
             assert diff <= CLOSE[name], (name, sizes, diff)
         else:
             assert torch.equal(whole[0], parts[0]) and torch.equal(whole[1], parts[1]), (name, sizes)
