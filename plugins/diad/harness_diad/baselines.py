@@ -42,13 +42,12 @@ import torch.nn.functional as F
 from diffusers import UNet2DModel
 
 from harness import FitContext, Method, Prediction, TrainSet
-from harness.toolkit.backbones import create_features, load_weights, recalibrate_batchnorm
+from harness.toolkit.backbones import create_features
 from harness.toolkit.ops import gaussian_blur, imagenet_normalize
 from harness.toolkit.precision import autocast, grad_scaler
 from harness.toolkit.training import optimiser_step, train_batches
 from harness.toolkit.scoring import pooled_max
-from harness_diad import weightfiles
-from harness_diad.initialisation import seeded_build
+from harness_diad.initialisation import initialise_backbone, seeded_build
 from harness_diad.model import DiAD
 from harness_diad.training import epoch_order
 from harness_diad.networks import freeze_unet_encoder, trained_unet_parts
@@ -151,17 +150,7 @@ class DDPMBaseline(Method):
         context.info.update(info)
 
     def _initialise_backbone(self, train: TrainSet, context: FitContext) -> None:
-        s = self.settings
-        if s.backbone_pretrained and not context.random_weights:
-            path = load_weights(self.backbone, weightfiles.backbone_file(s), context.weights, s)
-            context.info.update({"backbone_init": "imagenet", "backbone_weights": str(path)})
-            return
-        self.backbone.load_state_dict(seeded_build(context.seed, lambda: create_features(s.backbone, s.backbone_layers))
-                                      .state_dict())
-        self.backbone.to(self.device)
-        recalibrate_batchnorm(self.backbone, (imagenet_normalize(x.to(self.device))
-                                              for x, _ in train.batches(s.train_batch_size)))
-        context.info["backbone_init"] = "random (BatchNorm statistics re-estimated on the training images)"
+        initialise_backbone(self.backbone, self.settings, train, context, self.device)
 
     def _batch(self, train: TrainSet, idx: np.ndarray) -> torch.Tensor:
         return torch.stack([train[int(i)][0] for i in idx]).to(self.device)

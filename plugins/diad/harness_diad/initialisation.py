@@ -24,6 +24,21 @@ def seeded_build(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Mo
         return build()
 
 
+def initialise_backbone(backbone: torch.nn.Module, s: Mapping, train: TrainSet, context: FitContext,
+                        device: torch.device) -> None:
+    """The scoring backbone of DiAD and its baselines: ImageNet weights from disk, or seeded random ones with
+    BatchNorm statistics re-estimated on the training images; what was done goes to ``context.info``."""
+    if s.backbone_pretrained and not context.random_weights:
+        path = load_weights(backbone, weightfiles.backbone_file(s), context.weights, s)
+        context.info.update({"backbone_init": "imagenet", "backbone_weights": str(path)})
+        return
+    backbone.load_state_dict(seeded_build(context.seed, lambda: create_features(s.backbone, s.backbone_layers))
+                             .state_dict())
+    backbone.to(device)
+    recalibrate_batchnorm(backbone, (imagenet_normalize(x.to(device)) for x, _ in train.batches(s.train_batch_size)))
+    context.info["backbone_init"] = "random (BatchNorm statistics re-estimated on the training images)"
+
+
 class DiADInitialisation:
     """Where :class:`~harness_diad.model.DiAD`'s networks start (a mixin: the networks are DiAD's)."""
 
@@ -93,17 +108,7 @@ class DiADInitialisation:
                                        "gives the empty prompt's context")
 
     def _initialise_backbone(self, train: TrainSet, context: FitContext) -> None:
-        s = self.settings
-        if s.backbone_pretrained and not context.random_weights:
-            path = load_weights(self.backbone, weightfiles.backbone_file(s), context.weights, s)
-            context.info.update({"backbone_init": "imagenet", "backbone_weights": str(path)})
-            return
-        self.backbone.load_state_dict(seeded_build(context.seed, lambda: create_features(s.backbone, s.backbone_layers))
-                                      .state_dict())
-        self.backbone.to(self.device)
-        recalibrate_batchnorm(self.backbone, (imagenet_normalize(x.to(self.device))
-                                              for x, _ in train.batches(s.train_batch_size)))
-        context.info["backbone_init"] = "random (BatchNorm statistics re-estimated on the training images)"
+        initialise_backbone(self.backbone, self.settings, train, context, self.device)
 
 
 __all__ = ["DiADInitialisation"]
