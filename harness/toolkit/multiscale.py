@@ -30,7 +30,7 @@ input and output sizes, so resizing to ``size=(grid, grid)`` is the same operati
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,11 @@ from torch import nn
 
 from harness.toolkit.backbones import create_features, recalibrate_batchnorm
 from harness.toolkit.ops import imagenet_normalize
+
+if TYPE_CHECKING:  # pragma: no cover
+    from harness.data import TrainSet
+    from harness.method import FitContext
+    from harness.specs import WeightFile
 
 #: ``backbone_padding`` values.
 PADDINGS = ("uniad", "dynamic")
@@ -249,3 +254,26 @@ def load_backbone_weights(features: MultiScaleFeatures, path, what: str) -> None
     if missing:
         raise WeightsNotFoundError(f"{path} does not fit {what}: {len(missing)} missing tensors, "
                                    f"e.g. {', '.join(missing[:3])}")
+
+
+def prepare_features(features: MultiScaleFeatures, files: Sequence["WeightFile"], train: "TrainSet",
+                     context: "FitContext", settings: Any, device: torch.device, batch_size: int) -> dict[str, Any]:
+    """Give ``features`` their starting weights and put them in eval mode on ``device``.
+
+    The first of ``files`` (the method's declared backbone file) is read from disk, unless the
+    job runs with random weights or there is none; otherwise the backbone is drawn from the job's
+    seed with its BatchNorm statistics re-estimated on the training images (``batch_size`` per
+    batch). ``settings`` may name the file explicitly. Returns what the record says
+    (``backbone_init``, ``backbone_weights``).
+    """
+    files = [] if context.random_weights else list(files)
+    if files:
+        path = context.weights.resolve(files[0], settings)
+        load_backbone_weights(features, path, files[0].what)
+        info = {"backbone_init": "imagenet", "backbone_weights": str(path)}
+    else:
+        features.to(device)
+        features.reinitialise(context.seed, (x.to(device) for x, _ in train.batches(batch_size)))
+        info = {"backbone_init": "random"}
+    features.to(device).eval()
+    return info

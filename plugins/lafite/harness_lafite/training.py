@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from harness import FitContext, TrainSet
-from harness.toolkit.multiscale import load_backbone_weights
+from harness.toolkit.multiscale import prepare_features
 from harness.toolkit.precision import autocast, grad_scaler
 from harness.toolkit.pseudo_validation import make_pseudo_validation, split_holdout
 from harness.toolkit.training import optimiser_step, train_batches
@@ -31,18 +31,7 @@ class LafitETraining:
     def _prepare_backbone(self, train: TrainSet, context: FitContext) -> dict[str, Any]:
         """Load the declared weights, or draw seeded random ones; return what the record says."""
         s = self.settings
-        files = [] if context.random_weights else weight_files(s)
-        if files:
-            path = context.weights.resolve(files[0], s)
-            load_backbone_weights(self.features, path, files[0].what)
-            info = {"backbone_init": "imagenet", "backbone_weights": str(path)}
-        else:
-            self.features.to(self.device)
-            self.features.reinitialise(context.seed, (x.to(self.device) for x, _ in
-                                                      train.batches(s.feature_batch_size)))
-            info = {"backbone_init": "random"}
-        self.features.to(self.device).eval()
-        return info
+        return prepare_features(self.features, weight_files(s), train, context, s, self.device, s.feature_batch_size)
 
     def _search_grids(self, context: FitContext) -> tuple[list[int], list[int]]:
         """The tau and K candidates (a fast dev run keeps the first and last of each)."""

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from harness import FitContext, Method, Prediction, TrainSet
-from harness.toolkit.multiscale import MultiScaleFeatures, load_backbone_weights
+from harness.toolkit.multiscale import MultiScaleFeatures, prepare_features
 from harness.toolkit.precision import autocast, grad_scaler
 from harness.toolkit.scoring import pooled_max
 from harness.toolkit.training import optimiser_step, train_batches
@@ -98,18 +98,7 @@ class UniAD(Method):
     def _prepare_backbone(self, train: TrainSet, context: FitContext) -> dict[str, Any]:
         """Load the declared weights, or draw seeded random ones; return what the record says."""
         s = self.settings
-        files = [] if context.random_weights else weight_files(s)
-        if files:
-            path = context.weights.resolve(files[0], s)
-            load_backbone_weights(self.features, path, files[0].what)
-            info = {"backbone_init": "imagenet", "backbone_weights": str(path)}
-        else:
-            self.features.to(self.device)
-            self.features.reinitialise(context.seed, (x.to(self.device) for x, _ in
-                                                      train.batches(s.feature_batch_size)))
-            info = {"backbone_init": "random"}
-        self.features.to(self.device).eval()
-        return info
+        return prepare_features(self.features, weight_files(s), train, context, s, self.device, s.feature_batch_size)
 
     @torch.no_grad()
     def _encode_all(self, train: TrainSet, context: FitContext) -> torch.Tensor:
