@@ -16,7 +16,7 @@ export); :mod:`harness.metrics` is the metric engine. Paths that moved keep work
 
 from __future__ import annotations
 
-__version__ = "0.4.0"
+__version__ = "0.4.1"
 
 from harness import _compat  # noqa: E402
 

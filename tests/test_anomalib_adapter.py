@@ -317,3 +317,35 @@ def test_an_interrupted_fit_resumes_after_its_last_finished_epoch(registry, tmp_
     again.fit(train, context)
     assert context.checkpoint.resumed_from["epoch"] == 1
     assert context.info["trainer"]["epochs"] == 2 and context.info["trainer"]["max_epochs"] == 1
+
+
+def test_toy_width_narrows_efficientads_pdns_and_keeps_their_output_grid(registry):
+    """tiny's EfficientAD: teacher and student hidden layers at toy width, outputs and map grid anomalib's."""
+    from anomalib.models.image.efficient_ad.torch_model import SmallPatchDescriptionNetwork
+
+    _, settings, method = _method(registry, "efficientad")
+    teacher, student = method.module.model.teacher, method.module.model.student
+    assert [teacher.conv1.out_channels, teacher.conv2.out_channels, teacher.conv3.out_channels] == [16, 32, 32]
+    assert teacher.conv4.out_channels == settings["teacher_out_channels"]
+    assert student.conv4.out_channels == 2 * settings["teacher_out_channels"]
+    x = torch.rand(1, 3, 256, 256)
+    full = SmallPatchDescriptionNetwork(out_channels=settings["teacher_out_channels"])
+    assert teacher(x).shape == full(x).shape
+
+
+def test_toy_width_with_pretrained_files_is_refused_by_name(registry, tmp_path):
+    """A toy-width network cannot take anomalib's pretrained teacher: the fit says which setting to change."""
+    _, settings, method = _method(registry, "efficientad", profile="paper", toy_width=16)
+    with pytest.raises(ValueError, match=r"efficientad\.toy_width=0"):
+        from harness_anomalib import hooks
+
+        hooks.before_fit(method, _train(), _context(tmp_path, settings))
+
+
+def test_toy_width_narrows_both_of_dsrs_unets(registry):
+    """tiny's DSR: its anomaly-detection and upsampling U-Nets at toy width too (anomalib fixes them at 64)."""
+    _, settings, method = _method(registry, "dsr")
+    model = method.module.model
+    for unet in (model.anomaly_detection_module, model.upsampling_module):
+        widths = {m.out_channels for m in unet.modules() if isinstance(m, torch.nn.Conv2d)}
+        assert max(widths) <= 8 * settings["toy_width"] < 8 * 64, widths

@@ -34,32 +34,37 @@ def test_tiny_profile_learns_on_the_synthetic_set(method):
 
 
 #: anomalib's models (plugins/anomalib, extra ``[anomalib]``): floors of their tiny profiles, checked
-#: when anomalib is installed. Measured on the synthetic set, seed 0 (README, "anomalib's models").
+#: when anomalib is installed. Measured on the synthetic set, seed 0 (README, "anomalib's models"),
+#: on a 2-core Xeon with AVX-512; the AMD machines of earlier sessions gave other numbers near chance.
 ANOMALIB_FLOORS = {"padim": 0.6}
 #: anomalib models whose tiny profile is not held to a floor, and why.
 ANOMALIB_EXCEPTIONS = {
     "stfpm": "its teacher is a random ResNet-18 in tiny (anomalib always asks for a pretrained one): the student "
-             "learns to copy random features, 0.571 image AUROC at 3 epochs",
-    "rd4ad": "its encoder is a random ResNet-18 in tiny: the decoder learns to invert random features, 0.572 "
-             "image AUROC at 3 epochs",
+             "learns to copy random features, 0.537 image AUROC at 3 epochs",
+    "rd4ad": "its encoder is a random ResNet-18 in tiny: the decoder learns to invert random features, 0.610 "
+             "image AUROC at 3 epochs (0.572 on an AMD machine), too close to the floor to hold it",
     "fastflow": "flows over random ResNet-18 features, 2 flow steps, 3 epochs: 0.596 image AUROC, at the edge of the "
                 "floor, so not held to it",
     "anomalib_patchcore": "random ResNet-18 layer2 features, 2 % coreset: 0.560 image AUROC even with BatchNorm "
                           "statistics re-estimated (the harness's own patchcore uses layer1 + layer2 at 128 px)",
-    "cflow": "conditional flows over random ResNet-18 features, 2 coupling blocks, 2 epochs: 0.494",
+    "cflow": "conditional flows over random ResNet-18 features, 2 coupling blocks, 2 epochs: 0.649 on the Xeon but "
+             "0.494 on an AMD machine, so not held to the floor",
     "cfa": "hypersphere adaptation of random ResNet-18 features, 3 epochs: 0.496",
     "glass": "a 64-d discriminator on random ResNet-18 features, 3 epochs: 0.542",
     "dinomaly": "a random ViT-S/14 encoder at 56 px (16 tokens), 12 steps: 0.518",
     "inpformer": "a random ViT-S/14 encoder at 56 px, 1 epoch: 0.481",
-    "supersimplenet": "a segmentation head on random ResNet-18 features, 4 epochs: 0.382 (below chance: the "
-                      "synthetic Perlin noise it learns to flag does not resemble the set's defects at 64 px)",
-    "draem": "toy width 16, procedural textures, 4 epochs: 0.511",
+    "supersimplenet": "a segmentation head on random ResNet-18 features, 1 epoch: 0.431 (below chance, as with 4 "
+                      "epochs, 0.382: the Perlin noise it learns to flag does not resemble the set's defects at 64 px)",
+    "draem": "toy width 16, procedural textures, 4 epochs: 0.523",
+    "dsr": "toy width 16 (its two U-Nets too), a random VQ-VAE where the method needs a pretrained one, 2 epochs: "
+           "0.541",
+    "efficientad": "a random teacher at toy width 16 (the student learns to copy random features), 40 steps at batch "
+                   "1: 0.557",
+    "uninet": "random ResNet-50 teachers, 1 epoch at 64 px: 0.576",
+    "csflow": "flows over a random EfficientNet-B5 at 128 px, 1 epoch: 0.519",
     "winclip": "zero/few-shot, not in the multi-class main job; a random CLIP has no prompt semantics",
     "anomalydino": "few-shot, not in the multi-class main job (1 shot, seed 0: 0.522 with a random ViT-S/14)",
 }
-#: Not yet measured: the session that added the adapter shared its 2 cores at a load of 17 and ran
-#: out of time before these tiny runs finished; measure them (README table) and move each to a floor.
-ANOMALIB_UNMEASURED = ("dsr", "uninet", "csflow", "efficientad")
 
 
 @pytest.mark.slow
@@ -77,5 +82,20 @@ def test_every_anomalib_model_has_a_floor_or_a_named_exception():
     from harness_anomalib.variants import VARIANTS
 
     for variant in VARIANTS:
-        assert (variant.name in ANOMALIB_FLOORS or variant.name in ANOMALIB_EXCEPTIONS
-                or variant.name in ANOMALIB_UNMEASURED), variant.name
+        assert variant.name in ANOMALIB_FLOORS or variant.name in ANOMALIB_EXCEPTIONS, variant.name
+
+
+@pytest.mark.slow
+def test_every_anomalib_model_runs_in_the_main_job():
+    """With the extra installed, the main job runs each multi-class anomalib model to an ok record."""
+    pytest.importorskip("anomalib")
+    from harness_anomalib.variants import VARIANTS
+
+    failed = {}
+    for variant in VARIANTS:
+        if "multiclass" not in variant.protocols:
+            continue
+        record = synthetic_record(variant.name)
+        if record["status"] != "ok" or not record["efficiency"]["fps"] > 0:
+            failed[variant.name] = record.get("error") or record["efficiency"]
+    assert not failed, failed

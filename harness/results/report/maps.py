@@ -104,7 +104,8 @@ def encode_png(image: np.ndarray) -> np.ndarray:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
+    # zlib level 1: five times faster than the default 6 for 10 % more bytes (every job saves a sample).
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG", compress_level=1)
     return np.frombuffer(buffer.getvalue(), dtype=np.uint8).copy()
 
 

@@ -28,7 +28,7 @@ import importlib
 import inspect
 import tempfile
 import warnings
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -46,7 +46,25 @@ from harness_anomalib.variants import Variant
 
 def anomalib_class(variant: Variant) -> type:
     """The anomalib Lightning module class of ``variant``."""
-    return getattr(importlib.import_module("anomalib.models"), variant.model)
+    with warnings.catch_warnings():
+        # anomalib's own imports warn of timm's and its own deprecated paths: nothing a user can act on.
+        warnings.simplefilter("ignore", FutureWarning)
+        return getattr(importlib.import_module("anomalib.models"), variant.model)
+
+
+@contextmanager
+def quiet_lightning():
+    """Lightning's start-up notes (GPU/TPU availability, tips, why a fit stopped) at WARNING only:
+    the harness prints its own progress, once per job rather than once per Trainer."""
+    import logging
+
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _enum_value(cls: type, name: str, value: Any) -> Any:
@@ -216,9 +234,10 @@ class AnomalibMethod(Method):
                 context.info.update(position.extra.get("info", {}))
                 return
             epochs_done = position.epoch
-            trainer, datamodule = self._trainer(train, context, optimisers, position, epochs_done)
+            with quiet_lightning():
+                trainer, datamodule = self._trainer(train, context, optimisers, position, epochs_done)
             if trainer is not None:
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), quiet_lightning():
                     warnings.simplefilter("ignore")
                     trainer.fit(self.module, datamodule=datamodule)
                 context.info["trainer"] = {"epochs": int(trainer.current_epoch) + epochs_done,
@@ -279,7 +298,7 @@ class AnomalibMethod(Method):
     def predict(self, images: torch.Tensor, categories: Sequence[str]) -> Prediction:
         """The inner model's raw anomaly maps and image scores (see the module docstring)."""
         if self.variant.kind == "fewshot":
-                return hooks.predict_fewshot(self, images, categories)
+            return hooks.predict_fewshot(self, images, categories)
         output = self.module.model(self.transform(images))
         return self.to_prediction(output.anomaly_map, output.pred_score, images.shape[-2:])
 

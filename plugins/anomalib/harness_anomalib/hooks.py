@@ -66,7 +66,8 @@ def anomaly_source(variant: "Variant", settings: Mapping[str, Any], context: Fit
 
 
 def shrink(module, variant: "Variant", width: int) -> None:
-    """Rebuild DRAEM's or DSR's networks at toy ``width`` (their widths are not constructor arguments)."""
+    """Rebuild DRAEM's, DSR's or EfficientAD's networks at toy ``width`` (their widths are not
+    constructor arguments)."""
     if variant.name == "draem":
         from anomalib.models.image.draem.torch_model import DiscriminativeSubNetwork, ReconstructiveSubNetwork
 
@@ -76,17 +77,53 @@ def shrink(module, variant: "Variant", width: int) -> None:
         if module.sspcab:
             module.setup_sspcab()
     elif variant.name == "dsr":
-        from anomalib.models.image.dsr.torch_model import DsrModel
+        from anomalib.models.image.dsr.torch_model import AnomalyDetectionModule, DsrModel, UpsamplingModule
 
-        module.model = DsrModel(latent_anomaly_strength=module.model.latent_anomaly_strength, embedding_dim=width,
-                                num_embeddings=64, num_hiddens=width, num_residual_layers=1,
-                                num_residual_hiddens=max(1, width // 2))
+        model = DsrModel(latent_anomaly_strength=module.model.latent_anomaly_strength, embedding_dim=width,
+                         num_embeddings=64, num_hiddens=width, num_residual_layers=1,
+                         num_residual_hiddens=max(1, width // 2))
+        # DsrModel builds its two U-Nets (anomaly detection, upsampling) at a fixed base width of 64.
+        model.anomaly_detection_module = AnomalyDetectionModule(
+            in_channels=2 * model.image_dim, out_channels=model.anomaly_map_dim, base_width=width)
+        model.upsampling_module = UpsamplingModule(
+            in_channels=2 * model.image_dim + model.anomaly_map_dim, out_channels=model.anomaly_map_dim,
+            base_width=width)
+        module.model = model
+    elif variant.name == "efficientad":
+        # The teacher's and the student's hidden layers only: their output channels, the kernels,
+        # strides and paddings (which fix the maps' size) and the autoencoder stay anomalib's.
+        narrow_convolutions(module.model.teacher, width)
+        narrow_convolutions(module.model.student, width)
+
+
+def narrow_convolutions(network: torch.nn.Module, width: int) -> None:
+    """Rebuild a patch description network's convolutions with its hidden widths scaled so the
+    first is ``width``.
+
+    The convolutions that produce the network's output channels (the small PDN's ``conv4``, the
+    medium PDN's ``conv5`` and ``conv6``) keep them. Kernels, strides, paddings and biases are
+    kept, so the output grid is anomalib's; the weights are new (random).
+    """
+    keep = {"SmallPatchDescriptionNetwork": {"conv4"},
+            "MediumPatchDescriptionNetwork": {"conv5", "conv6"}}[type(network).__name__]
+    convs = [(name, child) for name, child in network.named_children() if isinstance(child, torch.nn.Conv2d)]
+    scale = width / convs[0][1].out_channels
+    channels = convs[0][1].in_channels
+    for name, conv in convs:
+        out = conv.out_channels if name in keep else max(1, round(conv.out_channels * scale))
+        setattr(network, name, torch.nn.Conv2d(channels, out, conv.kernel_size, stride=conv.stride,
+                                               padding=conv.padding, bias=conv.bias is not None))
+        channels = out
 
 
 def before_fit(method: "AnomalibMethod", train: TrainSet, context: FitContext) -> None:
     """Model-specific preparation before the Trainer runs (pretrained parts anomalib fetches itself)."""
     module, name = method.module, method.variant.name
     use_files = pretrained(method.settings, context)
+    width = int(method.settings.get("toy_width", 0) or 0)
+    if use_files and width and weight_files(method.variant, method.settings):
+        raise ValueError(f"{name}: toy_width={width} rebuilds networks whose pretrained files have anomalib's widths; "
+                         f"run it with --weights random (as the tiny profile does) or set {name}.toy_width=0")
     if not use_files:
         recalibrated = recalibrate_random_backbones(method, train)
         if recalibrated:
